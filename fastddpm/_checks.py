@@ -1,0 +1,75 @@
+"""Argument checks shared by the public API: clear errors naming the argument.
+
+Shape, dtype and device checks are plain Python on static metadata, so they cost nothing
+under torch.compile. The range of t is a value check: exact (ValueError) for CPU tensors
+in eager mode; elsewhere an asynchronous device assert, so there is no host sync or graph break.
+"""
+import torch
+
+from .schedule import NoiseSchedule
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_schedule(schedule):
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+
+
+def check_float(x, name, min_ndim=2):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have shape (B, ...) with at least {min_ndim} dims, got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def check_like(x, name, like, like_name, shape=None):
+    """x is a float tensor of like's shape (or `shape`) on like's device."""
+    check_float(x, name)
+    expected = tuple(like.shape) if shape is None else tuple(shape)
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} to match {like_name}, got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def check_timesteps(t, name, like, schedule, allow_minus_one=False):
+    """t: an integer tensor of shape (B,) on like's device, every value in [0, T) (or -1 if allowed)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int64 tensor of shape (B,), got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 tensor of timestep indices, got {t.dtype}")
+    batch = like.shape[0]
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), one timestep per sample, got {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {like.device}")
+    low, T = (-1 if allow_minus_one else 0), schedule.num_timesteps
+    message = f"{name} must lie in [{low}, {T})"
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(((t < low) | (t >= T)).any()):
+            raise ValueError(f"{message}, got values from {int(t.min())} to {int(t.max())}")
+    else:
+        torch._assert_async(((t >= low) & (t < T)).all(), message)
+    return t.long()
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_generator(generator, name="generator"):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def draw_seed(device, generator=None):
+    """A fresh Philox seed as a 1-element int64 tensor on `device` (no host sync)."""
+    check_generator(generator)
+    source = generator.device if generator is not None else device
+    return torch.randint(0, 2 ** 62, (1,), device=source, generator=generator).to(device)

@@ -1,0 +1,204 @@
+"""fastddpm.functional: the DDPM ops in the style of torch.nn.functional.
+
+Tensors first, the schedule next, options keyword-only. `t` is an int64 tensor of shape
+(B,): a timestep per sample. Each op validates its arguments, then runs a fused Triton
+kernel (see fastddpm.backend) or the reference of fastddpm.reference.
+"""
+import torch
+
+from . import reference
+from ._checks import (check_choice, check_float, check_generator, check_like, check_schedule, check_timesteps,
+                      draw_seed)
+from .backend import use_triton
+from .schedule import PREDICTIONS, WEIGHTINGS
+
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+REDUCTIONS = ("mean", "sum", "none")
+CLIP_OPTIONS = (False, True, "dynamic")
+
+__all__ = ["q_sample", "q_posterior", "p_mean_variance", "p_sample_step", "ddim_step", "diffusion_loss",
+           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd"]
+
+
+def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=False):
+    """x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] noise.
+
+    `noise=None` draws N(0, I) noise (inside the kernel, from a Philox `seed` drawn from
+    `generator`, never written to memory unless `return_noise=True`, which returns
+    (x_t, noise)). Pass `seed` (a 1-element int64 tensor) to draw a known stream again.
+    """
+    check_schedule(schedule)
+    check_float(x0, "x0")
+    t = check_timesteps(t, "t", x0, schedule)
+    if noise is not None:
+        check_like(noise, "noise", x0, "x0")
+    if not use_triton(x0):
+        if noise is None:
+            check_generator(generator)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = reference.q_sample(x0, t, noise, schedule)
+        return (x_t, noise) if return_noise else x_t
+    from fastddpm.kernels._common import kernel_layout, like_layout
+    x0, channels_last = kernel_layout(x0)
+    if noise is None:
+        seed = _check_seed(seed, x0) if seed is not None else draw_seed(x0.device, generator)
+    x_t, drawn = torch.ops.fastddpm.q_sample(
+        x0, t, like_layout(noise, channels_last), schedule.kernel_table(x0.device),
+        seed if noise is None else x0.new_empty(0, dtype=torch.int64), channels_last, return_noise)
+    if return_noise:
+        return x_t, (drawn if noise is None else noise)
+    return x_t
+
+
+def q_posterior(x0, x_t, t, schedule):
+    """Mean, variance and log variance of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1)."""
+    check_schedule(schedule)
+    check_float(x_t, "x_t")
+    check_like(x0, "x0", x_t, "x_t")
+    t = check_timesteps(t, "t", x_t, schedule)
+    if use_triton(x_t):
+        from fastddpm.kernels import posterior
+        return posterior.q_posterior(x0, x_t, t, schedule)
+    return reference.q_posterior(x0, x_t, t, schedule)
+
+
+def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False):
+    """(mean, variance, log_variance, x0_hat) of p(x_{t-1} | x_t); with variance="learned_range"
+    the model output has 2C channels. clip_denoised: False, True (clip x0_hat to [-1, 1]) or "dynamic"."""
+    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    if use_triton(x_t):
+        from fastddpm.kernels import posterior
+        return posterior.p_mean_variance(model_output, x_t, t, schedule, prediction=prediction, variance=variance,
+                                         clip_denoised=clip_denoised)
+    return reference.p_mean_variance(model_output, x_t, t, schedule, prediction=prediction, variance=variance,
+                                     clip_denoised=clip_denoised)
+
+
+def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None, prediction="eps",
+                  variance="fixed_small", clip_denoised=False):
+    """One ancestral step x_t -> x_{t-1} (no noise where t = 0)."""
+    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    _check_noise(noise, generator, x_t)
+    if use_triton(x_t):
+        from fastddpm.kernels import posterior
+        return posterior.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
+                                       prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    return reference.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
+                                   prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+
+
+def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
+              clip_denoised=False):
+    """One DDIM step from t to t_prev (t_prev = -1: the final step to x0)."""
+    t = _check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
+    t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True)
+    if not isinstance(eta, (int, float)) or eta < 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    _check_noise(noise, generator, x_t)
+    if use_triton(x_t):
+        from fastddpm.kernels import posterior
+        return posterior.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
+                                   prediction=prediction, clip_denoised=clip_denoised)
+    return reference.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
+                               prediction=prediction, clip_denoised=clip_denoised)
+
+
+def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
+                   reduction="mean"):
+    """The weighted MSE of math.md section 5: mean over the batch of w[t_b] · mean((pred - target)²).
+
+    reduction "none" returns the per-sample vector (float32, float64 for float64 inputs).
+    """
+    check_schedule(schedule)
+    check_float(x0, "x0")
+    check_like(model_output, "model_output", x0, "x0")
+    check_like(noise, "noise", x0, "x0")
+    t = check_timesteps(t, "t", x0, schedule)
+    _check_loss_options(schedule, prediction, weighting, reduction)
+    if use_triton(x0):
+        from fastddpm.kernels import loss
+        return loss.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
+                                   gamma=gamma, reduction=reduction)
+    return reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction,
+                                    weighting=weighting, gamma=gamma, reduction=reduction)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats (broadcasting)."""
+    for name, x in (("mean1", mean1), ("logvar1", logvar1), ("mean2", mean2), ("logvar2", logvar2)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return reference.normal_kl(mean1, logvar1, mean2, logvar2)
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales, *, tanh_cdf=False):
+    """log p(x) in nats of x in [-1, 1] under a Gaussian discretized to 256 bins; log_scales = log std."""
+    check_float(x, "x", min_ndim=1)
+    check_like(means, "means", x, "x")
+    check_float(log_scales, "log_scales", min_ndim=1)
+    return reference.discretized_gaussian_log_likelihood(x, means, log_scales, tanh_cdf=tanh_cdf)
+
+
+def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", variance="fixed_small",
+                 clip_denoised=False, tanh_cdf=False):
+    """Per sample, in bits/dim: the KL term L_{t-1} for t >= 1 and the decoder NLL L_0 for t = 0."""
+    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    check_like(x0, "x0", x_t, "x_t")
+    if use_triton(x_t):
+        from fastddpm.kernels import vlb
+        return vlb.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
+                                clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
+    return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
+                                  clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
+
+
+def prior_bpd(x0, schedule):
+    """KL(q(x_T | x0) || N(0, I)) per sample, in bits/dim."""
+    check_schedule(schedule)
+    check_float(x0, "x0")
+    return reference.prior_bpd(x0, schedule)
+
+
+# -- checks shared by several ops ----------------------------------------------------------
+
+
+def _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised):
+    check_schedule(schedule)
+    check_float(x_t, "x_t")
+    check_choice(prediction, "prediction", PREDICTIONS)
+    check_choice(clip_denoised, "clip_denoised", CLIP_OPTIONS)
+    channels = x_t.shape[1]
+    if variance is None:  # DDIM: the variance half of a learned-range output is ignored
+        out_channels = model_output.shape[1] if isinstance(model_output, torch.Tensor) and model_output.ndim > 1 else 0
+        if out_channels not in (channels, 2 * channels):
+            raise ValueError(f"model_output must have {channels} (or {2 * channels}) channels, got {out_channels}")
+        check_like(model_output, "model_output", x_t, "x_t", (x_t.shape[0], out_channels, *x_t.shape[2:]))
+    else:
+        check_choice(variance, "variance", VARIANCES)
+        out_channels = 2 * channels if variance == "learned_range" else channels
+        check_like(model_output, "model_output", x_t, "x_t", (x_t.shape[0], out_channels, *x_t.shape[2:]))
+    return check_timesteps(t, "t", x_t, schedule)
+
+
+def _check_noise(noise, generator, x_t):
+    check_generator(generator)
+    if noise is not None:
+        check_like(noise, "noise", x_t, "x_t")
+
+
+def _check_seed(seed, like):
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError("seed must be a 1-element int64 tensor")
+    if seed.device != like.device:
+        raise ValueError(f"seed is on {seed.device} but x0 is on {like.device}")
+    return seed.reshape(1)
+
+
+def _check_loss_options(schedule, prediction, weighting, reduction):
+    check_choice(prediction, "prediction", PREDICTIONS)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    if isinstance(weighting, torch.Tensor):
+        if weighting.numel() != schedule.num_timesteps:
+            raise ValueError(f"weighting tensor must have length T={schedule.num_timesteps}, got {weighting.numel()}")
+    else:
+        check_choice(weighting, "weighting", WEIGHTINGS)

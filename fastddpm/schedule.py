@@ -1,0 +1,212 @@
+"""Noise schedules: every table of math.md section 1, built once in float64."""
+import math
+
+import torch
+
+# Rows of the float32 table the kernels gather from, in this order (see `kernel_table`).
+KERNEL_ROWS = (
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "log_betas",
+    "alphas_cumprod",
+    "sqrt_alphas_cumprod_prev",
+    "fixed_large_log_variance",
+)
+
+WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")
+PREDICTIONS = ("eps", "x0", "v")
+
+
+class NoiseSchedule:
+    """A DDPM noise schedule of `T` steps, `t = 0 … T-1` (math.md sections 1-2).
+
+    Every table is a float64 CPU tensor named as in improved-diffusion. Kernels read
+    float32 copies from `kernel_table(device)`, built once per device and cached.
+    """
+
+    def __init__(self, betas):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.ndim != 1 or betas.numel() < 2:
+            raise ValueError(f"betas must be a 1-D tensor of at least 2 steps, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.betas = betas
+        self.num_timesteps = T = betas.numel()
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = ab = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        self.sqrt_alphas_cumprod = ab.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - ab).sqrt()
+        self.sqrt_recip_alphas_cumprod = ab.rsqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / ab - 1.0).sqrt()
+        self.posterior_variance = betas * (1.0 - ab_prev) / (1.0 - ab)
+        # t = 0 has zero posterior variance; its log uses t = 1 (improved-diffusion, DDPM).
+        self.posterior_log_variance_clipped = torch.cat(
+            [self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
+        self.posterior_mean_coef1 = betas * ab_prev.sqrt() / (1.0 - ab)
+        self.posterior_mean_coef2 = (1.0 - ab_prev) * self.alphas.sqrt() / (1.0 - ab)
+        self.snr = ab / (1.0 - ab)
+        self.log_betas = betas.log()
+        self.sqrt_alphas_cumprod_prev = ab_prev.sqrt()
+        # fixed_large: betas, with t = 0 using posterior_variance[1] (improved-diffusion).
+        self.fixed_large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
+        self.fixed_large_log_variance = self.fixed_large_variance.log()
+        self._kernel_tables = {}
+        self._weight_tables = {}
+        del T
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def linear(cls, T, beta_start=1e-4, beta_end=0.02, *, rescale_with_T=False, zero_terminal_snr=False):
+        """Ho et al.; `rescale_with_T` scales both ends by 1000 / T (improved-diffusion)."""
+        if rescale_with_T:
+            beta_start, beta_end = beta_start * 1000 / T, beta_end * 1000 / T
+        return cls._build(torch.linspace(beta_start, beta_end, _steps(T), dtype=torch.float64), zero_terminal_snr)
+
+    @classmethod
+    def cosine(cls, T, s=0.008, max_beta=0.999, *, zero_terminal_snr=False):
+        """Nichol & Dhariwal: f(s) = cos((s + 0.008) / 1.008 · π/2)²."""
+        T = _steps(T)
+
+        def f(u):
+            return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+        betas = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
+        return cls._build(torch.tensor(betas, dtype=torch.float64), zero_terminal_snr)
+
+    @classmethod
+    def scaled_linear(cls, T, beta_start=0.00085, beta_end=0.012, *, zero_terminal_snr=False):
+        """Stable Diffusion's schedule: linear in sqrt(beta)."""
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, _steps(T), dtype=torch.float64) ** 2
+        return cls._build(betas, zero_terminal_snr)
+
+    @classmethod
+    def sigmoid(cls, T, beta_start=1e-4, beta_end=0.02, *, zero_terminal_snr=False):
+        """GeoDiff's schedule, as diffusers: sigmoid(linspace(-6, 6, T)) scaled to [start, end]."""
+        betas = torch.sigmoid(torch.linspace(-6, 6, _steps(T), dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+        return cls._build(betas, zero_terminal_snr)
+
+    @classmethod
+    def from_betas(cls, betas, *, zero_terminal_snr=False):
+        return cls._build(torch.as_tensor(betas, dtype=torch.float64), zero_terminal_snr)
+
+    @classmethod
+    def from_diffusers(cls, scheduler, *, zero_terminal_snr=False):
+        """The betas of any diffusers scheduler (DDPMScheduler, DDIMScheduler, …)."""
+        if not hasattr(scheduler, "betas"):
+            raise TypeError(f"scheduler must be a diffusers scheduler with .betas, got {type(scheduler).__name__}")
+        return cls._build(scheduler.betas.to(torch.float64), zero_terminal_snr)
+
+    @classmethod
+    def _build(cls, betas, zero_terminal_snr):
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+    # -- tables for kernels and losses ----------------------------------------------------
+
+    def kernel_table(self, device):
+        """float32 copy of the KERNEL_ROWS tables on `device`, shape (len(KERNEL_ROWS), T); cached."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        table = self._kernel_tables.get(device)
+        if table is None:
+            # Zero terminal SNR makes sqrt_recip_ab infinite at T-1: keep the float32 table finite.
+            rows = [torch.nan_to_num(getattr(self, name), posinf=3e38, neginf=-3e38) for name in KERNEL_ROWS]
+            table = torch.stack(rows).to(torch.float32).to(device).contiguous()
+            self._kernel_tables[device] = table
+        return table
+
+    def loss_weights(self, weighting="simple", prediction="eps", gamma=5.0):
+        """float64 table over t of the weight on the MSE of `prediction` (math.md section 5).
+
+        `weighting`: "simple", "vlb", "snr", "min_snr", "p2", or a user tensor of length T
+        (used as given). "simple" is the plain MSE of whatever is predicted. "vlb", "snr"
+        and "p2" are defined on the eps-space MSE and converted, so each is the same
+        objective whatever the parameterization ("vlb" makes L_b = KL / D for t >= 1);
+        "min_snr" is diffusers' text-to-image formula for each prediction.
+        """
+        T = self.num_timesteps
+        if isinstance(weighting, torch.Tensor):
+            w = weighting.detach().to("cpu", torch.float64).reshape(-1)
+            if w.numel() != T:
+                raise ValueError(f"weighting tensor must have length T={T}, got {w.numel()}")
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError("weighting tensor must be finite")
+            return w
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        snr = self.snr
+        if weighting == "simple":
+            return torch.ones(T, dtype=torch.float64)
+        if weighting == "vlb":
+            # betas² / (2 σ² α (1 - ab)) on the eps MSE; σ² at t = 0 is the clipped one.
+            sigma2 = self.posterior_log_variance_clipped.exp()
+            w = self.betas ** 2 / (2 * sigma2 * self.alphas * (1 - self.alphas_cumprod))
+            return w * _eps_to(prediction, snr)
+        if weighting == "snr":
+            return snr * _eps_to(prediction, snr)
+        if weighting == "min_snr":
+            clipped = snr.clamp(max=gamma)
+            if prediction == "eps":
+                # min(snr, γ)/snr; its limit where snr = 0 (zero terminal SNR) is 1.
+                return torch.where(snr > 0, clipped / snr.clamp(min=1e-300), torch.ones_like(snr))
+            if prediction == "v":
+                return clipped / (snr + 1)
+            return clipped
+        if weighting == "p2":
+            return (1.0 + snr) ** -1.0 * _eps_to(prediction, snr)
+        raise ValueError(f"weighting must be one of {WEIGHTINGS} or a tensor of length T, got {weighting!r}")
+
+    def loss_weight_table(self, weighting, prediction, gamma, device):
+        """float32 `loss_weights` on `device`, cached for named weightings."""
+        if isinstance(weighting, torch.Tensor):
+            return self.loss_weights(weighting, prediction, gamma).to(device, torch.float32)
+        key = (weighting, prediction, float(gamma), torch.device(device))
+        table = self._weight_tables.get(key)
+        if table is None:
+            table = self.loss_weights(weighting, prediction, gamma).to(device, torch.float32)
+            self._weight_tables[key] = table
+        return table
+
+    def sample_timesteps(self, batch_size, *, device=None, generator=None):
+        """Uniform int64 timesteps in [0, T)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def __repr__(self):
+        return f"NoiseSchedule(T={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, beta[-1]={self.betas[-1].item():.3g})"
+
+
+def _steps(T):
+    if not isinstance(T, int) or T < 2:
+        raise ValueError(f"T must be an int >= 2, got {T!r}")
+    return T
+
+
+def _eps_to(prediction, snr):
+    """Factor turning a weight on the eps-space MSE into one on `prediction`'s MSE.
+
+    ||x0 - x0_hat||² = ||eps - eps_hat||² / snr and ||v - v_hat||² = ||eps - eps_hat||² (1 + snr) / snr.
+    """
+    if prediction == "eps":
+        return torch.ones_like(snr)
+    safe = snr.clamp(min=1e-300)
+    if prediction == "x0":
+        return safe
+    return safe / (1 + snr)
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2024: shift and scale sqrt(ab) so the last is 0 and the first unchanged."""
+    sqrt_ab = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab ** 2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas

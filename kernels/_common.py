@@ -1,0 +1,84 @@
+"""Launch helpers and device functions shared by the kernels.
+
+Every elementwise kernel runs on a (cdiv(D, BLOCK), B) grid, D the elements per sample:
+program (i, b) covers elements [i*BLOCK, (i+1)*BLOCK) of sample b, so per-sample
+coefficients are one scalar load per program and the memory of each sample is one dense
+block (contiguous, or channels_last for 4-D tensors: see `kernel_layout`).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BATCH = 65535  # grid axis 1 limit
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_layout(x):
+    """(tensor, channels_last): `x` itself if each sample is one dense block, else one copy."""
+    if x.is_contiguous():
+        return x, False
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def like_layout(x, channels_last):
+    """`x` with the memory layout of the tensor it is paired with (a copy only if it differs)."""
+    if x is None:
+        return None
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def launch_config(x):
+    """Grid, BLOCK and num_warps for an elementwise pass over x of shape (B, ...)."""
+    batch, per_sample = x.shape[0], x[0].numel()
+    # 2048 elements over 8 warps: 16-byte accesses, no spills with in-kernel noise (bf16 spills at 4096)
+    block = min(2048, max(128, triton.next_power_of_2(per_sample)))
+    num_warps = 8 if block >= 2048 else 4
+    return (triton.cdiv(per_sample, block), batch), block, num_warps
+
+
+def channel_sizes(x, channels_last):
+    """(C, H*W) for channels_last tensors, else (1, 1): all the logical index needs."""
+    if channels_last:
+        return x.shape[1], x.shape[2] * x.shape[3]
+    return 1, 1
+
+
+@triton.jit
+def sample_offsets(D, BLOCK: tl.constexpr):
+    """This program's sample b, element offsets within the sample, mask and flat base offset."""
+    sample = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return sample, offs, offs < D, sample.to(tl.int64) * D
+
+
+@triton.jit
+def standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """N(0, 1) noise for element `offs` of `sample`, keyed on (seed, logical element index).
+
+    Element j of sample b takes component j % 4 of Philox's randn4x at counter b*ceil(D/4) + j//4,
+    so the noise does not depend on dtype or memory layout, and a contiguous block draws four
+    normals per Philox call. For channels_last memory, offs are memory positions (h, w, c)
+    and are mapped back to the logical index c*HW + hw.
+    """
+    seed = tl.load(seed_ptr)
+    groups = (D + 3) // 4
+    if CHANNELS_LAST:
+        logical = (offs % C) * HW + offs // C
+        counter = sample.to(tl.int64) * groups + logical // 4
+        n0, n1, n2, n3 = tl.randn4x(seed, counter)
+        lane = logical % 4
+        z = tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
+    else:
+        first_group = tl.program_id(0) * (BLOCK // 4)
+        counter = sample.to(tl.int64) * groups + first_group + tl.arange(0, BLOCK // 4)
+        n0, n1, n2, n3 = tl.randn4x(seed, counter)
+        # join stacks on a new last axis, so row g of join(join(n0, n2), join(n1, n3)) reads n0 n1 n2 n3
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+    return z

@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="fastddpm",
+    version="0.1.0",
+    description="Fused Triton kernels for DDPM training and sampling, with a thin PyTorch API",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships as fastddpm.kernels: a top-level `kernels` would clash with a PyPI package.
+    packages=["fastddpm", "fastddpm.kernels"],
+    package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "einops",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers"],
+        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+    },
+    entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
+)
