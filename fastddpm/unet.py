@@ -43,7 +43,8 @@ def sinusoidal_embedding(t, dim, *, flip_sin_to_cos=False, freq_shift=1, max_per
     flip True, shift 0 (diffusers' `Timesteps` uses the same two options).
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / (half - freq_shift))
+    # Same operation order as diffusers and improved-diffusion, so the float32 rounding agrees.
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
     # float32 holds every integer timestep below 2**24 exactly.
     args = t.to(torch.float32)[:, None] * exponent.exp()[None, :]
     halves = (args.cos(), args.sin()) if flip_sin_to_cos else (args.sin(), args.cos())
