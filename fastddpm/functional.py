@@ -32,16 +32,20 @@ def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=
     t = check_timesteps(t, "t", x0, schedule)
     if noise is not None:
         check_like(noise, "noise", x0, "x0")
+    check_generator(generator)
+    if seed is not None:
+        seed = _check_seed(seed, x0)
     if not use_triton(x0):
         if noise is None:
-            check_generator(generator)
+            if seed is not None:  # torch's stream, not the kernel's Philox stream
+                generator = torch.Generator(x0.device).manual_seed(int(seed))
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = reference.q_sample(x0, t, noise, schedule)
         return (x_t, noise) if return_noise else x_t
     from fastddpm.kernels._common import kernel_layout, like_layout
     x0, channels_last = kernel_layout(x0)
     if noise is None:
-        seed = _check_seed(seed, x0) if seed is not None else draw_seed(x0.device, generator)
+        seed = seed if seed is not None else draw_seed(x0.device, generator)
     x_t, drawn = torch.ops.fastddpm.q_sample(
         x0, t, like_layout(noise, channels_last), schedule.kernel_table(x0.device),
         seed if noise is None else x0.new_empty(0, dtype=torch.int64), channels_last, return_noise)
@@ -104,21 +108,35 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
 
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
-                   reduction="mean"):
+                   reduction="mean", seed=None):
     """The weighted MSE of math.md section 5: mean over the batch of w[t_b] · mean((pred - target)²).
 
     reduction "none" returns the per-sample vector (float32, float64 for float64 inputs).
+    Give the noise either as a tensor, or as `noise=None, seed=s` with `s` the seed given to
+    `q_sample(x0, t, None, schedule, seed=s)`: the fused kernel then regenerates the very
+    noise q-sample added (Triton's Philox stream), never stored. That needs the triton
+    backend; on the reference backend pass the noise itself (`q_sample(..., return_noise=True)`).
     """
     check_schedule(schedule)
     check_float(x0, "x0")
     check_like(model_output, "model_output", x0, "x0")
-    check_like(noise, "noise", x0, "x0")
     t = check_timesteps(t, "t", x0, schedule)
     _check_loss_options(schedule, prediction, weighting, reduction)
+    if noise is None:
+        if seed is None:
+            raise ValueError("noise is None: pass the noise, or seed= the seed given to q_sample to regenerate it")
+        seed = _check_seed(seed, x0)
+    else:
+        check_like(noise, "noise", x0, "x0")
+        if seed is not None:
+            raise ValueError("pass either noise or seed (to regenerate q_sample's noise), not both")
     if use_triton(x0):
         from fastddpm.kernels import loss
         return loss.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
-                                   gamma=gamma, reduction=reduction)
+                                   gamma=gamma, reduction=reduction, seed=seed)
+    if noise is None:
+        raise ValueError("seed= regenerates the noise of q_sample's Triton kernel and needs the triton backend; "
+                         "on the reference backend pass noise (q_sample(..., return_noise=True) returns it)")
     return reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction,
                                     weighting=weighting, gamma=gamma, reduction=reduction)
 

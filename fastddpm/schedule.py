@@ -146,10 +146,11 @@ class NoiseSchedule:
         if weighting == "simple":
             return torch.ones(T, dtype=torch.float64)
         if weighting == "vlb":
-            # betas² / (2 σ² α (1 - ab)) on the eps MSE; σ² at t = 0 is the clipped one.
+            # betas² / (2 σ² α (1 - ab)) on the eps MSE, σ² at t = 0 the clipped one; built as
+            # coef1² / (2 σ²) on the x0 MSE, which stays finite where alpha = 0 (zero terminal SNR).
             sigma2 = self.posterior_log_variance_clipped.exp()
-            w = self.betas ** 2 / (2 * sigma2 * self.alphas * (1 - self.alphas_cumprod))
-            return w * _eps_to(prediction, snr)
+            w_x0 = self.posterior_mean_coef1 ** 2 / (2 * sigma2)
+            return _finite(w_x0 / snr.clamp(min=1e-300) * _eps_to(prediction, snr))
         if weighting == "snr":
             return snr * _eps_to(prediction, snr)
         if weighting == "min_snr":
@@ -187,6 +188,13 @@ def _steps(T):
     if not isinstance(T, int) or T < 2:
         raise ValueError(f"T must be an int >= 2, got {T!r}")
     return T
+
+
+def _finite(weights):
+    """An eps-space weight is infinite where snr = 0 (eps cannot give x0 there): cap it at the
+    largest finite weight so every table stays finite."""
+    finite = torch.isfinite(weights)
+    return torch.where(finite, weights, weights[finite].max())
 
 
 def _eps_to(prediction, snr):

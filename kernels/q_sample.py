@@ -70,8 +70,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_x_t, grad_noise_out):
     t, table = ctx.saved_tensors
     shape = (-1,) + (1,) * (grad_x_t.ndim - 1)
-    grad_x0 = grad_x_t * table[SQRT_AB][t].reshape(shape).to(grad_x_t.dtype)
-    grad_noise = grad_x_t * table[SQRT_1M_AB][t].reshape(shape).to(grad_x_t.dtype) if ctx.noise_given else None
+    grad_x0 = grad_x_t * table[SQRT_AB.value][t].reshape(shape).to(grad_x_t.dtype)
+    grad_noise = grad_x_t * table[SQRT_1M_AB.value][t].reshape(shape).to(grad_x_t.dtype) if ctx.noise_given else None
     return grad_x0, None, grad_noise, None, None, None, None
 
 
