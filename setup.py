@@ -7,9 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ ships as fastddpm.kernels: a top-level `kernels` would clash with a PyPI package.
-    packages=["fastddpm", "fastddpm.kernels"],
-    package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
+    # kernels/ ships as fastddpm.kernels (a top-level `kernels` would clash with a PyPI package),
+    # benchmarks/ as fastddpm.benchmarks for `fastddpm bench`.
+    packages=["fastddpm", "fastddpm.kernels", "fastddpm.benchmarks"],
+    package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels", "fastddpm.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.6",
         "numpy",
