@@ -29,7 +29,7 @@ def check_float(x, name, min_ndim=2):
 
 def check_like(x, name, like, like_name, shape=None):
     """x is a float tensor of like's shape (or `shape`) on like's device."""
-    check_float(x, name)
+    check_float(x, name, min_ndim=1)
     expected = tuple(like.shape) if shape is None else tuple(shape)
     if tuple(x.shape) != expected:
         raise ValueError(f"{name} must have shape {expected} to match {like_name}, got {tuple(x.shape)}")
