@@ -1,0 +1,87 @@
+"""One DDPM training step with no host sync: loss, backward, clipping, AdamW, EMA."""
+import copy
+
+import torch
+
+from fastddpm.unet import unwrap_model
+
+
+class TrainStep:
+    """Trains `model` with `loss_fn(model, x0, **model_kwargs) -> scalar loss`.
+
+    `step(x0, **model_kwargs)` returns the detached loss tensor (call `.item()` only when
+    logging, since it waits for the device). On CUDA the loss runs under bf16 autocast and
+    AdamW is fused; elsewhere AdamW uses foreach kernels. Weights and the EMA stay float32.
+
+    Args:
+        optimizer: defaults to AdamW(lr, betas, weight_decay) over the model's parameters.
+        ema_decay: EMA rate of `ema_model` (Ho et al.: 0.9999); None keeps no EMA.
+        grad_clip: max global gradient norm (Ho et al.: 1.0); None disables clipping.
+        warmup_steps: linear LR warm-up from lr / warmup_steps to lr (Ho et al.: 5000).
+        compile: True, or a dict of `torch.compile` options, compiles the model and loss as
+            one graph (its backward comes from AOTAutograd). The optimizer stays eager: its
+            fused or foreach kernels already take a few launches.
+        autocast_dtype: "auto" (bf16 on CUDA, none elsewhere), a dtype, or None.
+    """
+
+    def __init__(self, model, loss_fn, optimizer=None, *, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                 ema_decay=0.9999, grad_clip=1.0, warmup_steps=0, compile=False, autocast_dtype="auto"):
+        base = unwrap_model(model)
+        base.to(memory_format=torch.channels_last)
+        device = next(base.parameters()).device
+        on_cuda = device.type == "cuda"
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = [p for p in base.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.AdamW(
+            self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=not on_cuda)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.ema_decay = ema_decay
+        self.grad_clip = grad_clip
+        self.warmup_steps = warmup_steps
+        self.autocast_dtype = (torch.bfloat16 if on_cuda else None) if autocast_dtype == "auto" else autocast_dtype
+        self.num_steps = 0
+        self.ema_model = None
+        if ema_decay is not None:
+            self.ema_model = copy.deepcopy(base).eval().requires_grad_(False)
+            pairs = [(e, p) for e, p in zip(self.ema_model.parameters(), base.parameters()) if p.requires_grad]
+            self._ema_params, self._ema_sources = map(list, zip(*pairs))
+        self._loss = self._autocast_loss
+        if compile:
+            options = dict(compile) if isinstance(compile, dict) else {}
+            if on_cuda:
+                options.setdefault("mode", "max-autotune-no-cudagraphs")
+            self._loss = torch.compile(self._autocast_loss, fullgraph=True, **options)
+
+    def step(self, x0, **model_kwargs):
+        """One optimisation step on a batch of clean images; returns the detached loss."""
+        if self.num_steps < self.warmup_steps:
+            scale = (self.num_steps + 1) / self.warmup_steps
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base_lr * scale
+        if x0.ndim == 4:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x0, **model_kwargs)
+        loss.backward()
+        self._update()
+        self.num_steps += 1
+        return loss.detach()
+
+    def ema_state_dict(self):
+        """The EMA weights, loadable into an uncompiled copy of the model."""
+        return self.ema_model.state_dict()
+
+    def _autocast_loss(self, x0, **model_kwargs):
+        device_type = x0.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.loss_fn(self.model, x0, **model_kwargs)
+
+    @torch.no_grad()
+    def _update(self):
+        if self.grad_clip is not None:
+            # foreach norms and a device-side clip coefficient: no .item(), no sync.
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        if self.ema_model is not None:
+            torch._foreach_lerp_(self._ema_params, self._ema_sources, 1.0 - self.ema_decay)
