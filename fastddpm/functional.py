@@ -137,8 +137,9 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     if noise is None:
         raise ValueError("seed= regenerates the noise of q_sample's Triton kernel and needs the triton backend; "
                          "on the reference backend pass noise (q_sample(..., return_noise=True) returns it)")
-    return reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction,
-                                    weighting=weighting, gamma=gamma, reduction=reduction)
+    from fastddpm.loss import eager_diffusion_loss  # the reference's math in PyTorch's fused MSE kernels
+    return eager_diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
+                                gamma=gamma, reduction=reduction)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

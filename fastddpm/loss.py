@@ -1,0 +1,115 @@
+"""DiffusionLoss: one DDPM training loss call, noise drawn in the kernel and never stored."""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional, reference
+from ._checks import check_choice, check_float, check_generator, check_schedule, draw_seed
+from .backend import use_triton
+from .functional import REDUCTIONS
+from .schedule import PREDICTIONS, WEIGHTINGS
+
+
+class NoiseState(NamedTuple):
+    """What `DiffusionLoss.loss` needs of the noising step: t, and the noise's seed (triton
+    backend: the loss kernel regenerates the noise) or the noise itself (reference backend)."""
+    t: torch.Tensor
+    seed: torch.Tensor | None
+    noise: torch.Tensor | None
+
+
+class DiffusionLoss(nn.Module):
+    """The DDPM training loss of math.md section 5, noise included.
+
+    `loss = loss_fn(model, x0, **model_kwargs)` draws t uniformly and a noise seed (from
+    `generator` if given, else the global RNG, so `torch.manual_seed` makes runs
+    reproducible), computes x_t with the noise drawn inside the q-sample kernel, calls
+    `model(x_t, t, **model_kwargs)` and returns the fused loss, which regenerates the same
+    noise from the seed: no noise tensor is ever written (4 full-tensor passes per step on
+    the triton backend: read x0, write x_t, read pred, write grad). On the reference backend
+    (CPU under "auto") the same calls materialise the noise and run the reference.
+
+    For loops that call the model themselves::
+
+        x_t, t, state = loss_fn.noise(x0)
+        loss = loss_fn.loss(model(x_t, t), x0, state)
+
+    Args:
+        schedule: a NoiseSchedule (kept as `.schedule`).
+        prediction: what the model predicts: "eps", "x0" or "v".
+        weighting: "simple", "vlb", "snr", "min_snr", "p2", or a tensor of length T.
+        gamma: the min-SNR clip (Hang et al.: 5).
+        reduction: "mean" (default), "sum" or "none" (the per-sample losses).
+    """
+
+    def __init__(self, schedule, prediction="eps", weighting="simple", gamma=5.0, reduction="mean"):
+        super().__init__()
+        check_schedule(schedule)
+        check_choice(prediction, "prediction", PREDICTIONS)
+        check_choice(reduction, "reduction", REDUCTIONS)
+        if isinstance(weighting, torch.Tensor):
+            # validated and made a float64 CPU table once, not at every call
+            weighting = schedule.loss_weights(weighting)
+        else:
+            check_choice(weighting, "weighting", WEIGHTINGS)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+        self.schedule = schedule
+        self.prediction = prediction
+        self.weighting = weighting
+        self.gamma = float(gamma)
+        self.reduction = reduction
+
+    def forward(self, model, x0, *, generator=None, **model_kwargs):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
+        x_t, t, state = self.noise(x0, generator=generator)
+        return self.loss(model(x_t, t, **model_kwargs), x0, state)
+
+    def noise(self, x0, *, generator=None):
+        """(x_t, t, state): t drawn uniformly on x0's device, x_t = q_sample(x0, t, fresh noise)."""
+        check_float(x0, "x0")
+        check_generator(generator)
+        t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device, generator=generator)
+        if use_triton(x0):
+            seed = draw_seed(x0.device, generator)
+            x_t = functional.q_sample(x0, t, None, self.schedule, seed=seed)
+            return x_t, t, NoiseState(t, seed, None)
+        x_t, noise = functional.q_sample(x0, t, None, self.schedule, generator=generator, return_noise=True)
+        return x_t, t, NoiseState(t, None, noise)
+
+    def loss(self, model_output, x0, state):
+        """The loss of `model_output` for the x_t that `noise(x0)` returned with `state`."""
+        if not isinstance(state, NoiseState):
+            raise TypeError(f"state must be the NoiseState returned by DiffusionLoss.noise, got {type(state).__name__}")
+        return functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule,
+                                         prediction=self.prediction, weighting=self.weighting, gamma=self.gamma,
+                                         reduction=self.reduction, seed=state.seed)
+
+    def extra_repr(self):
+        weighting = "tensor" if isinstance(self.weighting, torch.Tensor) else repr(self.weighting)
+        return (f"T={self.schedule.num_timesteps}, prediction={self.prediction!r}, weighting={weighting}, "
+                f"gamma={self.gamma}, reduction={self.reduction!r}")
+
+
+def eager_diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
+                         reduction="mean"):
+    """`reference.diffusion_loss` through PyTorch's fused MSE kernels: the CPU path of
+    `functional.diffusion_loss`, with the memory passes of the eager peers (plain
+    `F.mse_loss` for one weight for all; for per-sample weights, diffusers' min-SNR form
+    `mse_loss(reduction="none")` then the per-sample mean) and no per-call weight table.
+    Same dtypes as the reference: float64 math and loss for float64 inputs, else float32.
+    """
+    target = reference.training_target(x0, t, noise, schedule, prediction)
+    pred = model_output.to(target.dtype)
+    if isinstance(weighting, str) and weighting == "simple" and reduction != "none":
+        loss = F.mse_loss(pred, target)  # the mean over the batch of per-sample means
+        return loss * x0.shape[0] if reduction == "sum" else loss
+    if target.dtype == torch.float64:
+        weights = schedule.loss_weights(weighting, prediction, gamma).to(t.device)
+    else:
+        weights = schedule.loss_weight_table(weighting, prediction, gamma, t.device)
+    per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+    return reference.reduce_per_sample(weights[t] * per_sample, reduction)
