@@ -17,7 +17,7 @@ REDUCTIONS = ("mean", "sum", "none")
 CLIP_OPTIONS = (False, True, "dynamic")
 
 __all__ = ["q_sample", "q_posterior", "p_mean_variance", "p_sample_step", "ddim_step", "diffusion_loss",
-           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd"]
+           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "hybrid_loss", "elbo_bpd"]
 
 
 def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=False):
@@ -79,32 +79,64 @@ def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", varianc
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None, prediction="eps",
-                  variance="fixed_small", clip_denoised=False):
-    """One ancestral step x_t -> x_{t-1} (no noise where t = 0)."""
+                  variance="fixed_small", clip_denoised=False, seed=None, return_x0_hat=False):
+    """One ancestral step x_t -> x_{t-1} (no noise where t = 0).
+
+    `noise=None` draws z inside the kernel from a Philox `seed` (a 1-element int64 tensor; drawn
+    from `generator` when not given; the reference backend draws with `generator` and rejects
+    `seed`). `return_x0_hat=True` returns (x_{t-1}, x0_hat), x0_hat as used for the mean.
+    """
     t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     _check_noise(noise, generator, x_t)
-    if use_triton(x_t):
+    triton_path = use_triton(x_t)
+    if seed is not None:
+        if noise is not None or not triton_path:
+            raise ValueError("seed selects the kernels' Philox stream for drawn noise: pass it without noise, "
+                             "on the Triton backend (the reference draws with generator=)")
+        seed = _check_seed(seed, x_t)
+    if triton_path:
         from fastddpm.kernels import posterior
         return posterior.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
-                                       prediction=prediction, variance=variance, clip_denoised=clip_denoised)
-    return reference.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
-                                   prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+                                       prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                                       seed=seed, return_x0_hat=return_x0_hat)
+    x_prev = reference.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
+                                     prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    if not return_x0_hat:
+        return x_prev
+    mean_output, _ = reference.split_model_output(model_output, x_t, variance)
+    x0_hat, _ = reference.x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
+    return x_prev, x0_hat.to(x_t.dtype)
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
-              clip_denoised=False):
-    """One DDIM step from t to t_prev (t_prev = -1: the final step to x0)."""
+              clip_denoised=False, seed=None, return_x0_hat=False):
+    """One DDIM step from t to t_prev (t_prev = -1: the final step to x0).
+
+    `seed` and `return_x0_hat` as in `p_sample_step` (noise is drawn only for eta > 0).
+    """
     t = _check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
     t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True)
-    if not isinstance(eta, (int, float)) or eta < 0:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     _check_noise(noise, generator, x_t)
-    if use_triton(x_t):
+    triton_path = use_triton(x_t)
+    if seed is not None:
+        if noise is not None or not triton_path:
+            raise ValueError("seed selects the kernels' Philox stream for drawn noise: pass it without noise, "
+                             "on the Triton backend (the reference draws with generator=)")
+        seed = _check_seed(seed, x_t)
+    if triton_path:
         from fastddpm.kernels import posterior
         return posterior.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
-                                   prediction=prediction, clip_denoised=clip_denoised)
-    return reference.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
-                               prediction=prediction, clip_denoised=clip_denoised)
+                                   prediction=prediction, clip_denoised=clip_denoised, seed=seed,
+                                   return_x0_hat=return_x0_hat)
+    x_prev = reference.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
+                                 prediction=prediction, clip_denoised=clip_denoised)
+    if not return_x0_hat:
+        return x_prev
+    x0_hat, _ = reference.x0_eps_from_output(model_output[:, : x_t.shape[1]], x_t, t, schedule, prediction,
+                                             clip_denoised)
+    return x_prev, x0_hat.to(x_t.dtype)
 
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,

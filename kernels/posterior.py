@@ -1,0 +1,453 @@
+"""Fused reverse process (math.md section 4): the posterior mean, p_mean_variance, the DDPM
+ancestral step and the DDIM step, each one pass over the batch.
+
+With `out` the model output and per-sample coefficients gathered at t from the kernel table:
+
+    x0_hat = a x_t + b out,   eps_hat = e x_t + f out        (eps, x0 or v: `prediction_coefficients`)
+    clipping: x0_hat <- clamp(x0_hat, -1, 1) (or Imagen's dynamic threshold), then
+              eps_hat = (sqrt_recip_ab x_t - x0_hat) / sqrt_recipm1_ab
+    mean   = coef1 x0_hat + coef2 x_t
+    DDPM:    x_{t-1} = mean + [t > 0] exp(log_var / 2) z, log_var fixed_small, fixed_large or
+             learned_range (frac log_betas + (1 - frac) log_var_clipped, frac = (v + 1) / 2)
+    DDIM:    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma²) eps_hat + sigma z,
+             sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev), ab_prev = 1 at t_prev = -1
+
+Bytes per element: read x_t and the model output, write x_{t-1}: 3N with z drawn in the kernel
+(the floor of math.md section 7; improved-diffusion's p_sample moves about 15N), 4N for
+learned_range (the variance half is read too); +N to read a given noise, +N to write x0_hat
+for previews. p_mean_variance writes mean and x0_hat (and, for learned_range, the full-shape
+log variance and variance); q_posterior reads x0 and x_t and writes the mean (3N).
+
+Dynamic thresholding (clip_denoised="dynamic") needs a per-sample quantile of |x0_hat| over
+the whole sample: a first pass of the same kernel writes x0_hat in float32, torch.quantile
+takes its 0.995 quantile (exactly as the reference), and the step kernel reads that scale.
+
+Matches reference.q_posterior, p_mean_variance, p_sample_step and ddim_step.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm import reference
+from fastddpm._checks import draw_seed
+from fastddpm.schedule import KERNEL_ROWS
+
+from ._common import channel_sizes, kernel_layout, like_layout, sample_offsets, standard_normal
+
+SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
+SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
+SQRT_RECIP_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recip_alphas_cumprod"))
+SQRT_RECIPM1_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recipm1_alphas_cumprod"))
+COEF1 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef1"))
+COEF2 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef2"))
+POSTERIOR_VARIANCE = tl.constexpr(KERNEL_ROWS.index("posterior_variance"))
+LOG_VAR_CLIPPED = tl.constexpr(KERNEL_ROWS.index("posterior_log_variance_clipped"))
+LOG_BETAS = tl.constexpr(KERNEL_ROWS.index("log_betas"))
+AB = tl.constexpr(KERNEL_ROWS.index("alphas_cumprod"))
+FIXED_LARGE_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("fixed_large_log_variance"))
+
+PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
+CLIP_IDS = {"none": 0, "clip": 1, "dynamic": 2}
+FIXED_LOG_VARIANCE_ROWS = {"fixed_small": LOG_VAR_CLIPPED.value, "fixed_large": FIXED_LARGE_LOG_VAR.value}
+
+
+# -- device functions ---------------------------------------------------------------------
+
+
+@triton.jit
+def prediction_coefficients(table_ptr, t, T, prediction):
+    """(a, b, e, f, e0, f0) at t: x0_hat = a x_t + b out and eps_hat = e x_t + f out for a model
+    output of `prediction` (0 eps, 1 x0, 2 v); eps_hat = e0 x_t + f0 x0_hat from a clipped x0_hat.
+
+    Runtime selects between gathered scalars: one compiled kernel serves all three predictions.
+    """
+    sqrt_ab = tl.load(table_ptr + SQRT_AB * T + t)
+    sqrt_1m_ab = tl.load(table_ptr + SQRT_1M_AB * T + t)
+    sqrt_recip_ab = tl.load(table_ptr + SQRT_RECIP_AB * T + t)
+    sqrt_recipm1_ab = tl.load(table_ptr + SQRT_RECIPM1_AB * T + t)
+    # (sqrt_recip_ab x_t - x0) / sqrt_recipm1_ab, written so it stays finite where ab = 0 (zero terminal SNR)
+    e0 = 1.0 / sqrt_1m_ab
+    f0 = -sqrt_ab / sqrt_1m_ab
+    is_eps = prediction == 0
+    is_x0 = prediction == 1
+    a = tl.where(is_eps, sqrt_recip_ab, tl.where(is_x0, 0.0, sqrt_ab))
+    b = tl.where(is_eps, -sqrt_recipm1_ab, tl.where(is_x0, 1.0, -sqrt_1m_ab))
+    e = tl.where(is_eps, 0.0, tl.where(is_x0, e0, sqrt_1m_ab))
+    f = tl.where(is_eps, 1.0, tl.where(is_x0, f0, sqrt_ab))
+    return a, b, e, f, e0, f0
+
+
+@triton.jit
+def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.constexpr):
+    """x0_hat (clipped: CLIP 1 to [-1, 1], CLIP 2 by the per-sample scale s, to [-s, s] / s) and eps_hat."""
+    a, b, e, f, e0, f0 = prediction_coefficients(table_ptr, t, T, prediction)
+    x0 = a * x + b * out
+    if CLIP == 0:
+        eps = e * x + f * out
+    else:
+        if CLIP == 1:
+            x0 = tl.clamp(x0, -1.0, 1.0)
+        else:
+            scale = tl.load(scale_ptr + sample)
+            x0 = tl.clamp(x0, -scale, scale) / scale
+        eps = e0 * x + f0 * x0
+    return x0, eps
+
+
+@triton.jit
+def model_output_offsets(sample, offs, D, C, WIDE_OUTPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Flat offsets of the first C channels of the model output for x_t's offsets `offs`, and the
+    distance from there to the variance half when the output has 2C channels (WIDE_OUTPUT).
+
+    Contiguous: a sample is a 2D block, the variance half starts at +D. channels_last: memory
+    (h, w, c) with 2C channels, so x_t's position hw*C + c is hw*2C + c and the variance is at +C.
+    """
+    if WIDE_OUTPUT:
+        base = sample.to(tl.int64) * (2 * D)
+        if CHANNELS_LAST:
+            out_offs = base + (offs // C) * (2 * C) + offs % C
+            variance_shift = C
+        else:
+            out_offs = base + offs
+            variance_shift = D
+    else:
+        out_offs = sample.to(tl.int64) * D + offs
+        variance_shift = 0
+    return out_offs, variance_shift
+
+
+@triton.jit
+def step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
+               DRAW_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """z: drawn from the Philox seed (the same stream as q_sample) or read from `noise`."""
+    if DRAW_NOISE:
+        z = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
+    else:
+        z = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
+    return z
+
+
+# -- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["prediction", "variance_row"])
+def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale_ptr,
+                    x_prev_ptr, x0_ptr, log_var_ptr, var_ptr,
+                    D, T, C, HW, prediction, variance_row,
+                    CLIP: tl.constexpr, LEARNED_RANGE: tl.constexpr, ADD_NOISE: tl.constexpr,
+                    DRAW_NOISE: tl.constexpr, STORE_X0: tl.constexpr, STORE_VARIANCE: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """The model mean (ADD_NOISE False: p_mean_variance, q_posterior) or x_{t-1} (ADD_NOISE True).
+
+    Fixed variances gather their log variance from table row `variance_row`.
+    """
+    sample, offs, mask, base = sample_offsets(D, BLOCK)
+    t = tl.load(t_ptr + sample)
+    out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED_RANGE, CHANNELS_LAST)
+    x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
+    out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
+    x0, _ = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP)
+    mean = tl.load(table_ptr + COEF1 * T + t) * x0 + tl.load(table_ptr + COEF2 * T + t) * x
+    if LEARNED_RANGE:
+        frac = (tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32) + 1.0) / 2.0
+        log_var = frac * tl.load(table_ptr + LOG_BETAS * T + t) \
+            + (1.0 - frac) * tl.load(table_ptr + LOG_VAR_CLIPPED * T + t)
+    else:
+        log_var = tl.load(table_ptr + variance_row * T + t)
+    if STORE_VARIANCE:
+        tl.store(log_var_ptr + base + offs, log_var.to(log_var_ptr.dtype.element_ty), mask=mask)
+        tl.store(var_ptr + base + offs, tl.exp(log_var).to(var_ptr.dtype.element_ty), mask=mask)
+    if ADD_NOISE:
+        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+        mean += tl.where(t != 0, tl.exp(0.5 * log_var), 0.0) * z
+    tl.store(x_prev_ptr + base + offs, mean.to(x_prev_ptr.dtype.element_ty), mask=mask)
+    if STORE_X0:
+        tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["prediction"])
+def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_ptr, scale_ptr, x_prev_ptr, x0_ptr,
+                D, T, C, HW, prediction, eta,
+                CLIP: tl.constexpr, WIDE_OUTPUT: tl.constexpr, ADD_NOISE: tl.constexpr, DRAW_NOISE: tl.constexpr,
+                STORE_X0: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One DDIM step from t to t_prev (per sample); a 2C-channel output's variance half is skipped."""
+    sample, offs, mask, base = sample_offsets(D, BLOCK)
+    t = tl.load(t_ptr + sample)
+    t_prev = tl.load(t_prev_ptr + sample)
+    out_offs, _ = model_output_offsets(sample, offs, D, C, WIDE_OUTPUT, CHANNELS_LAST)
+    x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
+    out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
+    x0, eps = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP)
+    ab = tl.load(table_ptr + AB * T + t)
+    ab_prev = tl.where(t_prev >= 0, tl.load(table_ptr + AB * T + tl.maximum(t_prev, 0)), 1.0)
+    sigma = eta * tl.sqrt_rn((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt_rn(1.0 - ab / ab_prev)
+    x_prev = tl.sqrt_rn(ab_prev) * x0 + tl.sqrt_rn(tl.maximum(1.0 - ab_prev - sigma * sigma, 0.0)) * eps
+    if ADD_NOISE:
+        x_prev += sigma * step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
+                                     DRAW_NOISE, CHANNELS_LAST, BLOCK)
+    tl.store(x_prev_ptr + base + offs, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
+    if STORE_X0:
+        tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launchers (kernel-layout tensors, see _common.kernel_layout) ----------------------------
+
+
+def step_launch_config(x):
+    """Grid (cdiv(D, BLOCK), B), BLOCK and num_warps: at most 1024 elements over 4 warps, still 8
+    elements (16-byte accesses) a thread; ptxas spills a few bytes of these kernels at 2048 over 8."""
+    per_sample = x[0].numel()
+    block = min(1024, max(128, triton.next_power_of_2(per_sample)))
+    return (triton.cdiv(per_sample, block), x.shape[0]), block, 4
+
+
+def _empty(like, wanted, dtype=None):
+    return torch.empty_like(like, dtype=dtype) if wanted else like.new_empty(0)
+
+
+def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction, variance, clip, channels_last,
+                     add_noise, store_x0, store_variance=False, x0_dtype=None):
+    """Launch p_sample_kernel. Returns (x_{t-1} or the mean, x0_hat or empty, and the full-shape learned
+    log variance and variance, or empties)."""
+    learned = variance == "learned_range"
+    store_variance = store_variance and learned
+    out = torch.empty_like(x_t)
+    x0_hat = _empty(x_t, store_x0, x0_dtype)
+    log_var, var = _empty(x_t, store_variance), _empty(x_t, store_variance)
+    draw = add_noise and noise is None
+    grid, block, num_warps = step_launch_config(x_t)
+    C, HW = channel_sizes(x_t, channels_last)
+    p_sample_kernel[grid](
+        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, table,
+        x_t if scale is None else scale, out, x0_hat if store_x0 else out,
+        log_var if store_variance else out, var if store_variance else out,
+        x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction],
+        FIXED_LOG_VARIANCE_ROWS.get(variance, LOG_VAR_CLIPPED.value),
+        CLIP=CLIP_IDS[clip], LEARNED_RANGE=learned, ADD_NOISE=add_noise, DRAW_NOISE=draw, STORE_X0=store_x0,
+        STORE_VARIANCE=store_variance, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps)
+    return out, x0_hat, log_var, var
+
+
+def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip, channels_last,
+                 store_x0):
+    """Launch ddim_kernel. Returns (x_prev, x0_hat or empty); noise is added only for eta > 0."""
+    out = torch.empty_like(x_t)
+    x0_hat = _empty(x_t, store_x0)
+    add_noise = eta != 0
+    grid, block, num_warps = step_launch_config(x_t)
+    C, HW = channel_sizes(x_t, channels_last)
+    ddim_kernel[grid](
+        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table,
+        x_t if scale is None else scale, out, x0_hat if store_x0 else out,
+        x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
+        CLIP=CLIP_IDS[clip], WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], ADD_NOISE=add_noise,
+        DRAW_NOISE=add_noise and noise is None, STORE_X0=store_x0, CHANNELS_LAST=channels_last,
+        BLOCK=block, num_warps=num_warps)
+    return out, x0_hat
+
+
+def dynamic_scale(model_output, x_t, t, table, prediction, channels_last):
+    """Imagen's per-sample threshold s = max(quantile_0.995(|x0_hat|), 1), shape (B,), float32.
+
+    A first pass of p_sample_kernel writes the unclipped x0_hat in float32; the quantile is
+    torch.quantile, as in the reference (a sort: this costs more than the step itself).
+    """
+    variance = "learned_range" if model_output.shape[1] == 2 * x_t.shape[1] else "fixed_small"
+    _, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, None, None, None, prediction, variance, "none",
+                                       channels_last, add_noise=False, store_x0=True, x0_dtype=torch.float32)
+    s = torch.quantile(x0_hat.abs().flatten(1), reference.DYNAMIC_THRESHOLD_PERCENTILE, dim=1)
+    return s.clamp(min=1.0).contiguous()
+
+
+def _scale(clip, model_output, x_t, t, table, prediction, channels_last):
+    return dynamic_scale(model_output, x_t, t, table, prediction, channels_last) if clip == "dynamic" else None
+
+
+# -- custom ops ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastddpm::q_posterior_mean", mutates_args=())
+def q_posterior_mean_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                        channels_last: bool) -> torch.Tensor:
+    # coef1 x0 + coef2 x_t is the model mean of an x0 prediction, unclipped
+    return p_sample_forward(x0, x_t, t, table, None, None, None, "x0", "fixed_small", "none", channels_last,
+                            add_noise=False, store_x0=False)[0]
+
+
+@q_posterior_mean_op.register_fake
+def _(x0, x_t, t, table, channels_last):
+    return torch.empty_like(x_t)
+
+
+def _q_posterior_setup(ctx, inputs, output):
+    _, x_t, t, table, _ = inputs
+    ctx.save_for_backward(t, table)
+
+
+def _q_posterior_backward(ctx, grad_mean):
+    t, table = ctx.saved_tensors
+    grad_x0 = grad_mean * _gather(table, COEF1, t, grad_mean).to(grad_mean.dtype)
+    grad_x_t = grad_mean * _gather(table, COEF2, t, grad_mean).to(grad_mean.dtype)
+    return grad_x0, grad_x_t, None, None, None
+
+
+q_posterior_mean_op.register_autograd(_q_posterior_backward, setup_context=_q_posterior_setup)
+
+
+@torch.library.custom_op("fastddpm::p_mean_variance", mutates_args=())
+def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                       prediction: str, variance: str, clip: str,
+                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+    return p_sample_forward(model_output, x_t, t, table, None, None, scale, prediction, variance, clip, channels_last,
+                            add_noise=False, store_x0=True, store_variance=True)
+
+
+@p_mean_variance_op.register_fake
+def _(model_output, x_t, t, table, prediction, variance, clip, channels_last):
+    learned = variance == "learned_range"
+    return torch.empty_like(x_t), torch.empty_like(x_t), _empty(x_t, learned), _empty(x_t, learned)
+
+
+def _p_mean_variance_setup(ctx, inputs, output):
+    model_output, x_t, t, table, prediction, variance, clip, _ = inputs
+    ctx.options = prediction, variance, clip
+    ctx.save_for_backward(model_output, x_t, t, table, output[3])
+
+
+def _p_mean_variance_backward(ctx, grad_mean, grad_x0, grad_log_var, grad_var):
+    """mean = coef1 x0_hat + coef2 x_t and x0_hat = clip(a x_t + b out) are linear in (out, x_t)
+    up to the clip mask; the learned log variance is linear in the variance half v."""
+    model_output, x_t, t, table, var = ctx.saved_tensors
+    prediction, variance, clip = ctx.options
+    if clip == "dynamic":
+        raise RuntimeError("p_mean_variance: no gradient through clip_denoised='dynamic' (a per-sample "
+                           "quantile); use clip_denoised=True or False")
+
+    def gather(row):
+        return _gather(table, row, t, x_t)
+
+    a, b = _x0_coefficients(gather, prediction)
+    channels = x_t.shape[1]
+    x = x_t.float()
+    grad_mean = grad_mean.float()
+    grad_x0_hat = gather(COEF1) * grad_mean + grad_x0.float()
+    if clip == "clip":
+        x0_hat = a * x + b * model_output[:, :channels].float()
+        grad_x0_hat = grad_x0_hat * (x0_hat.abs() <= 1)
+    grad_out = b * grad_x0_hat
+    grad_x_t = a * grad_x0_hat + gather(COEF2) * grad_mean
+    if variance == "learned_range":
+        dlog_var_dv = 0.5 * (gather(LOG_BETAS) - gather(LOG_VAR_CLIPPED))
+        grad_v = (grad_log_var.float() + grad_var.float() * var.float()) * dlog_var_dv
+        grad_out = torch.cat([grad_out, grad_v], dim=1)
+    return (grad_out.to(model_output.dtype), grad_x_t.to(x_t.dtype)) + (None,) * 6
+
+
+def _x0_coefficients(gather, prediction):
+    """(a, b) with x0_hat = a x_t + b out, as prediction_coefficients (for the backward)."""
+    if prediction == "eps":
+        return gather(SQRT_RECIP_AB), -gather(SQRT_RECIPM1_AB)
+    if prediction == "x0":
+        return 0.0, 1.0
+    return gather(SQRT_AB), -gather(SQRT_1M_AB)
+
+
+p_mean_variance_op.register_autograd(_p_mean_variance_backward, setup_context=_p_mean_variance_setup)
+
+
+@torch.library.custom_op("fastddpm::p_sample_step", mutates_args=())
+def p_sample_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                     noise: torch.Tensor | None, seed: torch.Tensor, prediction: str, variance: str, clip: str,
+                     channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+    x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction, variance,
+                                            clip, channels_last, add_noise=True, store_x0=store_x0)
+    return x_prev, x0_hat
+
+
+@p_sample_step_op.register_fake
+def _(model_output, x_t, t, table, noise, seed, prediction, variance, clip, channels_last, store_x0):
+    return torch.empty_like(x_t), _empty(x_t, store_x0)
+
+
+@torch.library.custom_op("fastddpm::ddim_step", mutates_args=())
+def ddim_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                 table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor, prediction: str, eta: float,
+                 clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+    return ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
+                        channels_last, store_x0)
+
+
+@ddim_step_op.register_fake
+def _(model_output, x_t, t, t_prev, table, noise, seed, prediction, eta, clip, channels_last, store_x0):
+    return torch.empty_like(x_t), _empty(x_t, store_x0)
+
+
+# -- entry points of fastddpm.functional (validated inputs) ----------------------------------
+
+
+def _clip_name(clip_denoised):
+    if clip_denoised == "dynamic":
+        return "dynamic"
+    return "clip" if clip_denoised else "none"
+
+
+def _gather(table, row, t, like):
+    """table[row][t] as a (B, 1, …, 1) float32 tensor; `row` an int or a row constant."""
+    return table[getattr(row, "value", row)][t].reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _seed(noise, seed, generator, device, needed=True):
+    """The Philox seed tensor: the given one, a fresh one when noise is drawn, else an unused empty."""
+    if noise is not None or not needed:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return seed if seed is not None else draw_seed(device, generator)
+
+
+def q_posterior(x0, x_t, t, schedule):
+    """(mean, variance, log_variance) of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1) gathers."""
+    x_t, channels_last = kernel_layout(x_t)
+    table = schedule.kernel_table(x_t.device)
+    t = t.contiguous()
+    mean = torch.ops.fastddpm.q_posterior_mean(like_layout(x0, channels_last), x_t, t, table, channels_last)
+    return (mean, _gather(table, POSTERIOR_VARIANCE, t, x_t).to(x_t.dtype),
+            _gather(table, LOG_VAR_CLIPPED, t, x_t).to(x_t.dtype))
+
+
+def p_mean_variance(model_output, x_t, t, schedule, *, prediction, variance, clip_denoised):
+    """(mean, variance, log_variance, x0_hat); the variances are full-shape for learned_range, else (B, 1, …, 1)."""
+    x_t, channels_last = kernel_layout(x_t)
+    table = schedule.kernel_table(x_t.device)
+    t = t.contiguous()
+    mean, x0_hat, log_var, var = torch.ops.fastddpm.p_mean_variance(
+        like_layout(model_output, channels_last), x_t, t, table, prediction, variance, _clip_name(clip_denoised),
+        channels_last)
+    if variance != "learned_range":
+        log_var = _gather(table, FIXED_LOG_VARIANCE_ROWS[variance], t, x_t)
+        var, log_var = log_var.exp().to(x_t.dtype), log_var.to(x_t.dtype)
+    return mean, var, log_var, x0_hat
+
+
+def p_sample_step(model_output, x_t, t, schedule, *, noise, generator, prediction, variance, clip_denoised,
+                  seed=None, return_x0_hat=False):
+    """x_{t-1} (and x0_hat with return_x0_hat); noise drawn in the kernel when `noise` is None."""
+    x_t, channels_last = kernel_layout(x_t)
+    x_prev, x0_hat = torch.ops.fastddpm.p_sample_step(
+        like_layout(model_output, channels_last), x_t, t.contiguous(), schedule.kernel_table(x_t.device),
+        like_layout(noise, channels_last), _seed(noise, seed, generator, x_t.device), prediction, variance,
+        _clip_name(clip_denoised), channels_last, return_x0_hat)
+    return (x_prev, x0_hat) if return_x0_hat else x_prev
+
+
+def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta, noise, generator, prediction, clip_denoised,
+              seed=None, return_x0_hat=False):
+    """x_prev (and x0_hat with return_x0_hat); for eta > 0 noise drawn in the kernel when `noise` is None."""
+    x_t, channels_last = kernel_layout(x_t)
+    x_prev, x0_hat = torch.ops.fastddpm.ddim_step(
+        like_layout(model_output, channels_last), x_t, t.contiguous(), t_prev.contiguous(),
+        schedule.kernel_table(x_t.device), like_layout(noise, channels_last) if eta != 0 else None,
+        _seed(noise, seed, generator, x_t.device, needed=eta != 0), prediction, float(eta),
+        _clip_name(clip_denoised), channels_last, return_x0_hat)
+    return (x_prev, x0_hat) if return_x0_hat else x_prev
