@@ -17,7 +17,7 @@ REDUCTIONS = ("mean", "sum", "none")
 CLIP_OPTIONS = (False, True, "dynamic")
 
 __all__ = ["q_sample", "q_posterior", "p_mean_variance", "p_sample_step", "ddim_step", "diffusion_loss",
-           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "hybrid_loss", "elbo_bpd"]
+           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd"]
 
 
 def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=False):
