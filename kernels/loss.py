@@ -172,8 +172,8 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # target = a eps + c x0, so dL/dx0 = -c dL/dpred and dL/dnoise = -a dL/dpred
         v = ctx.prediction == "v"
-        a = table[SQRT_AB][t].reshape(shape) if v else 1.0
-        c = -table[SQRT_1M_AB][t].reshape(shape) if v else 1.0
+        a = table[SQRT_AB.value][t].reshape(shape) if v else 1.0
+        c = -table[SQRT_1M_AB.value][t].reshape(shape) if v else 1.0
         if ctx.x0_given and ctx.needs_input_grad[1]:
             grad_x0 = -c * grad
         if ctx.noise_given and ctx.needs_input_grad[2]:
