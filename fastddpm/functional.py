@@ -17,7 +17,7 @@ REDUCTIONS = ("mean", "sum", "none")
 CLIP_OPTIONS = (False, True, "dynamic")
 
 __all__ = ["q_sample", "q_posterior", "p_mean_variance", "p_sample_step", "ddim_step", "diffusion_loss",
-           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd"]
+           "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "hybrid_loss", "elbo_bpd"]
 
 
 def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=False):
@@ -192,9 +192,16 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, *, tanh_cdf=False)
 
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", variance="fixed_small",
                  clip_denoised=False, tanh_cdf=False):
-    """Per sample, in bits/dim: the KL term L_{t-1} for t >= 1 and the decoder NLL L_0 for t = 0."""
+    """Per sample, in bits/dim: the KL term L_{t-1} for t >= 1 and the decoder NLL L_0 for t = 0.
+
+    Differentiable in model_output (the kernel recomputes the gradient in the backward).
+    tanh_cdf=True: improved-diffusion's tanh approximation of the normal CDF in the decoder.
+    clip_denoised="dynamic" (a per-sample quantile) runs the reference.
+    """
     t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     check_like(x0, "x0", x_t, "x_t")
+    if not isinstance(tanh_cdf, bool):
+        raise TypeError(f"tanh_cdf must be a bool, got {type(tanh_cdf).__name__}")
     if use_triton(x_t):
         from fastddpm.kernels import vlb
         return vlb.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
@@ -253,3 +260,67 @@ def _check_loss_options(schedule, prediction, weighting, reduction):
             raise ValueError(f"weighting tensor must have length T={schedule.num_timesteps}, got {weighting.numel()}")
     else:
         check_choice(weighting, "weighting", WEIGHTINGS)
+
+
+# -- training and evaluation on the variational bound (math.md section 6) -----------------
+
+LOSS_TYPES = ("hybrid", "kl")
+
+
+def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
+                vlb_weight=None, reduction="mean", seed=None, loss="hybrid", variance="learned_range",
+                tanh_cdf=False, return_terms=False):
+    """Training on the bound, per sample b (x_t = q_sample(x0, t, noise) is rebuilt, not passed):
+
+    loss="hybrid" (improved DDPM; variance="learned_range", a 2C-channel output):
+        w[t] · mean((out[:, :C] - target)²) + vlb_weight · vb_t, with the predicted mean detached
+        inside vb_t so that it trains only the variance half out[:, C:];
+    loss="kl" (improved-diffusion's RESCALED_KL, any variance): vlb_weight · vb_t.
+
+    vlb_weight: default T / 1000 for "hybrid" (the paper's lambda = 0.001 on L_vlb), T for "kl".
+    weighting/gamma: the MSE's weight table (see `diffusion_loss`). `noise=None` regenerates the
+    noise in the kernel from `seed`, the 1-element int64 tensor q_sample drew it from (Triton
+    backend only). reduction "none" gives the per-sample float32 vector (to multiply by importance
+    weights). return_terms=True also returns {"mse": unweighted MSE, "vb": vb_t in bits/dim}, detached.
+    The fused kernel computes the gradient in the forward pass; the backward only scales it.
+    """
+    check_schedule(schedule)
+    check_float(x0, "x0")
+    check_choice(loss, "loss", LOSS_TYPES)
+    check_choice(variance, "variance", VARIANCES)
+    if loss == "hybrid" and variance != "learned_range":
+        raise ValueError(f"loss='hybrid' trains a learned variance: variance must be 'learned_range', got {variance!r}")
+    channels = 2 * x0.shape[1] if variance == "learned_range" else x0.shape[1]
+    check_like(model_output, "model_output", x0, "x0", (x0.shape[0], channels, *x0.shape[2:]))
+    t = check_timesteps(t, "t", x0, schedule)
+    _check_loss_options(schedule, prediction, weighting, reduction)
+    if (noise is None) == (seed is None):
+        raise ValueError("pass exactly one of noise (a tensor like x0) and seed (q_sample's 1-element int64 seed)")
+    if noise is not None:
+        check_like(noise, "noise", x0, "x0")
+    else:
+        seed = _check_seed(seed, x0)
+    if vlb_weight is None:
+        vlb_weight = schedule.num_timesteps / 1000.0 if loss == "hybrid" else float(schedule.num_timesteps)
+    if isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float)) or not 0 <= vlb_weight < float("inf"):
+        raise ValueError(f"vlb_weight must be a finite float >= 0 or None, got {vlb_weight!r}")
+    for name, flag in (("tanh_cdf", tanh_cdf), ("return_terms", return_terms)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    options = dict(prediction=prediction, weighting=weighting, gamma=gamma, vlb_weight=vlb_weight,
+                   reduction=reduction, loss=loss, variance=variance, tanh_cdf=tanh_cdf, return_terms=return_terms)
+    if use_triton(x0):
+        from fastddpm.kernels import hybrid
+        return hybrid.hybrid_loss(model_output, x0, noise, t, schedule, seed=seed, **options)
+    if noise is None:
+        raise ValueError("seed= regenerates the noise inside the Triton kernel; on the reference backend pass noise")
+    return reference.hybrid_loss(model_output, x0, noise, t, schedule, **options)
+
+
+def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False, timesteps=None,
+             progress=True, generator=None, model_kwargs=None, batch_timesteps=False, tanh_cdf=False):
+    """The negative ELBO of each image in bits/dim: see `fastddpm.elbo.elbo_bpd`."""
+    from .elbo import elbo_bpd as _elbo_bpd
+    return _elbo_bpd(model, x0, schedule, prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                     timesteps=timesteps, progress=progress, generator=generator, model_kwargs=model_kwargs,
+                     batch_timesteps=batch_timesteps, tanh_cdf=tanh_cdf)

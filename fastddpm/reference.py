@@ -259,3 +259,35 @@ def prior_bpd(x0, schedule):
     log_var = gather((1.0 - schedule.alphas_cumprod).log(), t, x)
     kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))
     return kl.flatten(1).mean(1) / math.log(2.0)
+
+
+def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
+                vlb_weight=None, reduction="mean", loss="hybrid", variance="learned_range", tanh_cdf=False,
+                return_terms=False):
+    """Training on the bound (math.md section 6), per sample b:
+
+    loss="hybrid" (improved DDPM, variance="learned_range"): w[t] mean((out - target)²) +
+    vlb_weight · vb_t, the vb term computed with the mean half detached, so that it trains only
+    the variance half; loss="kl" (improved-diffusion's RESCALED_KL): vlb_weight · vb_t, any
+    variance type. vlb_weight defaults to T / 1000 (hybrid) or T (kl). x_t is q_sample(x0, t,
+    noise). With return_terms, also {"mse": unweighted MSE of the mean half, "vb": vb_t}, detached.
+    """
+    T = schedule.num_timesteps
+    if vlb_weight is None:
+        vlb_weight = T / 1000.0 if loss == "hybrid" else float(T)
+    x_t = q_sample(x0, t, noise, schedule)
+    mean_output, var_output = split_model_output(model_output, x_t, variance)
+    mse = diffusion_loss(mean_output, x0, noise, t, schedule, prediction=prediction, reduction="none")
+    if loss == "hybrid":
+        frozen = torch.cat([mean_output.detach(), var_output], dim=1)
+        vb = vb_terms_bpd(frozen, x0, x_t, t, schedule, prediction=prediction, variance=variance, tanh_cdf=tanh_cdf)
+        weights = schedule.loss_weights(weighting, prediction, gamma).to(t.device)[t].to(mse.dtype)
+        per_sample = weights * mse + vlb_weight * vb
+    else:
+        vb = vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
+                          tanh_cdf=tanh_cdf)
+        per_sample = vlb_weight * vb
+    per_sample = reduce_per_sample(per_sample, reduction)
+    if return_terms:
+        return per_sample, {"mse": mse.detach(), "vb": vb.detach()}
+    return per_sample
