@@ -99,13 +99,9 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
         return posterior.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
                                        prediction=prediction, variance=variance, clip_denoised=clip_denoised,
                                        seed=seed, return_x0_hat=return_x0_hat)
-    x_prev = reference.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
-                                     prediction=prediction, variance=variance, clip_denoised=clip_denoised)
-    if not return_x0_hat:
-        return x_prev
-    mean_output, _ = reference.split_model_output(model_output, x_t, variance)
-    x0_hat, _ = reference.x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
-    return x_prev, x0_hat.to(x_t.dtype)
+    from fastddpm.sampling import eager_p_sample_step  # the reference's math in fewer memory passes
+    return eager_p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator, prediction=prediction,
+                               variance=variance, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
@@ -130,13 +126,9 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
         return posterior.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
                                    prediction=prediction, clip_denoised=clip_denoised, seed=seed,
                                    return_x0_hat=return_x0_hat)
-    x_prev = reference.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
-                                 prediction=prediction, clip_denoised=clip_denoised)
-    if not return_x0_hat:
-        return x_prev
-    x0_hat, _ = reference.x0_eps_from_output(model_output[:, : x_t.shape[1]], x_t, t, schedule, prediction,
-                                             clip_denoised)
-    return x_prev, x0_hat.to(x_t.dtype)
+    from fastddpm.sampling import eager_ddim_step  # the reference's math in fewer memory passes
+    return eager_ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
+                           prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
 
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
