@@ -130,7 +130,7 @@ def run(sizes=None, dtypes=DTYPES, device=None, weightings=WEIGHTINGS, providers
                 x0 = torch.randn(size, device=device, dtype=dtype)
                 pred = torch.randn(size, device=device, dtype=dtype, requires_grad=True)
                 paths = loss_paths(schedule, weighting)
-                steps = {name: _step(paths[name], x0, pred) for name in providers}
+                steps = {name: make_step(paths[name], x0, pred) for name in providers}
                 if on_cuda:
                     import triton.testing
                     times = {name: triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], grad_to_none=[pred])
@@ -153,7 +153,8 @@ def run(sizes=None, dtypes=DTYPES, device=None, weightings=WEIGHTINGS, providers
     return rows
 
 
-def _step(path, x0, pred):
+def make_step(path, x0, pred):
+    """One loss path with its backward, on fresh gradients."""
     def step():
         pred.grad = None
         loss, _ = path(x0, pred)

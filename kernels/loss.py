@@ -18,7 +18,9 @@ and writes grad (2N, the floor of math.md section 7); a given noise tensor adds 
 targets add 1N to read x0; the x0 target reads no noise. Backward: 0N when grad_output is 1,
 else 2N (read and rewrite grad). Recomputing in backward instead would cost 3N for eps
 (forward 1N, backward 2N): writing the gradient early wins whenever grad_output is 1, and
-costs 1N more otherwise (loss scaling, gradient accumulation).
+costs 1N more otherwise (loss scaling, gradient accumulation). Under torch.compile the
+backward is traced, so the scaling is a plain multiply (2N) that Inductor may fuse into the
+model's next backward op.
 
 The precomputed gradient is handed over to autograd by the first backward, so a second
 backward through the same graph (retain_graph=True) raises a clear error. Float64 inputs
