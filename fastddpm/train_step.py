@@ -19,8 +19,8 @@ class TrainStep:
         grad_clip: max global gradient norm (Ho et al.: 1.0); None disables clipping.
         warmup_steps: linear LR warm-up from lr / warmup_steps to lr (Ho et al.: 5000).
         compile: True, or a dict of `torch.compile` options, compiles the model and loss as
-            one graph (its backward comes from AOTAutograd). The optimizer stays eager: its
-            fused or foreach kernels already take a few launches.
+            one graph (its backward comes from AOTAutograd) from the second step on. The
+            optimizer stays eager: its fused or foreach kernels already take a few launches.
         autocast_dtype: "auto" (bf16 on CUDA, none elsewhere), a dtype, or None.
     """
 
@@ -46,12 +46,12 @@ class TrainStep:
             self.ema_model = copy.deepcopy(base).eval().requires_grad_(False)
             pairs = [(e, p) for e, p in zip(self.ema_model.parameters(), base.parameters()) if p.requires_grad]
             self._ema_params, self._ema_sources = map(list, zip(*pairs))
-        self._loss = self._autocast_loss
+        self._compiled_loss = None
         if compile:
             options = dict(compile) if isinstance(compile, dict) else {}
             if on_cuda:
                 options.setdefault("mode", "max-autotune-no-cudagraphs")
-            self._loss = torch.compile(self._autocast_loss, fullgraph=True, **options)
+            self._compiled_loss = torch.compile(self._autocast_loss, fullgraph=True, **options)
 
     def step(self, x0, **model_kwargs):
         """One optimisation step on a batch of clean images; returns the detached loss."""
@@ -62,7 +62,10 @@ class TrainStep:
         if x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(x0, **model_kwargs)
+        # The first step runs eagerly, so caches that the loss builds lazily (a schedule's
+        # device tables, say) exist before tracing instead of failing a guard: a recompile.
+        use_compiled = self._compiled_loss is not None and self.num_steps > 0
+        loss = (self._compiled_loss if use_compiled else self._autocast_loss)(x0, **model_kwargs)
         loss.backward()
         self._update()
         self.num_steps += 1

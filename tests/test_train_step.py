@@ -9,6 +9,16 @@ from fastddpm.train_step import TrainStep
 from fastddpm.unet import UNet
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors here are tiny: a second thread only adds contention (and on a busy machine,
+    spinning OpenMP threads make each op hundreds of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class StandInLoss:
     """DiffusionLoss's call contract: draws t and noise, calls model(x_t, t, **kw), eps-MSE."""
 
@@ -183,12 +193,27 @@ def test_forward_loss_backward_clip_and_ema_trace_as_one_graph(loss_fn):
     assert not counters["graph_break"]
 
 
+def real_diffusion_loss():
+    return pytest.importorskip("fastddpm.loss").DiffusionLoss(NoiseSchedule.linear(1000), prediction="eps")
+
+
 def test_with_the_real_diffusion_loss():
-    loss_module = pytest.importorskip("fastddpm.loss")
-    loss_fn = loss_module.DiffusionLoss(NoiseSchedule.linear(1000), prediction="eps", weighting="simple")
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
-    step = TrainStep(model, loss_fn)
+    step = TrainStep(model, real_diffusion_loss())
     losses = torch.stack([step.step(digits_batch()) for _ in range(2)])
     assert torch.isfinite(losses).all() and (losses > 0).all()
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("backend", ["reference_backend", "triton_backend"])
+def test_real_diffusion_loss_compiles_as_one_graph_without_recompiles(backend, request):
+    request.getfixturevalue(backend)
+    torch._dynamo.reset()
+    counters.clear()
+    step = TrainStep(tiny_model(), real_diffusion_loss(), compile={"backend": "aot_eager"})
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses = torch.stack([step.step(digits_batch()) for _ in range(3)])
+    assert torch.isfinite(losses).all()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]

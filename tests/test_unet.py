@@ -2,8 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import relative_error
 from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastddpm.unet import PRESETS, UNet, compile_unet, sinusoidal_embedding, unwrap_model
 
@@ -27,6 +29,16 @@ DDPM_CIFAR10_DIFFUSERS_CONFIG = dict(
     norm_eps=1e-6, norm_num_groups=32, mid_block_scale_factor=1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tensors here are tiny: a second thread only adds contention (and on a busy machine,
+    spinning OpenMP threads make each op hundreds of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def param_count(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -37,10 +49,6 @@ def randomize_(model, std=0.05):
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.fixture
@@ -60,6 +68,15 @@ def test_ddpm_cifar10_count_matches_paper():
     with torch.device("meta"):
         assert abs(param_count(UNet.from_preset("ddpm-cifar10")) - 35.7e6) < 0.1e6
         assert abs(param_count(UNet.from_preset("ddpm-256")) - 113.7e6) < 0.1e6
+
+
+def test_ddpm_cifar10_forward_flops():
+    # 12.44 GFLOP per 32x32 image: convolutions, linears and attention matmuls.
+    with torch.device("meta"):
+        model = UNet.from_preset("ddpm-cifar10")
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, 32, 32), torch.empty(1, dtype=torch.long))
+    assert counter.get_total_flops() / 1e9 == pytest.approx(12.44, abs=0.01)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
