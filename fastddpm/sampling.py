@@ -149,7 +149,7 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
         schedule, timestep_map = respace(schedule, space_timesteps(schedule.num_timesteps, steps))
     else:
         timestep_map = torch.arange(schedule.num_timesteps)
-    denoiser = _denoiser(model, shape[0], model_kwargs, guidance_scale, null_kwargs, variance, device)
+    denoiser = _denoiser(model, model_kwargs, guidance_scale, null_kwargs, variance, device)
 
     x = (x_T.to(dtype) if x_T is not None else _randn(shape, generator, device, dtype)).contiguous()
     triton_path = use_triton(x)
@@ -189,7 +189,7 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
     return (x, x0_hat) if return_x0_hat is True else x
 
 
-def _denoiser(model, batch, model_kwargs, guidance_scale, null_kwargs, variance, device):
+def _denoiser(model, model_kwargs, guidance_scale, null_kwargs, variance, device):
     """fn(x_t, t) -> model output, with classifier-free guidance when guidance_scale is set."""
     model_kwargs = dict(model_kwargs or {})
     if guidance_scale is None:

@@ -69,7 +69,8 @@ def assert_matches(actual, exact, like, t=None, schedule=None):
     tolerance = TOLERANCES[like.dtype]
     atol = tolerance["atol"]
     if t is not None:
-        conditioning = torch.maximum(schedule.sqrt_recip_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod.reciprocal())
+        conditioning = torch.maximum(schedule.sqrt_recip_alphas_cumprod,
+                                     schedule.sqrt_one_minus_alphas_cumprod.reciprocal())
         atol = atol * conditioning[t].reshape(-1, *([1] * (actual.ndim - 1)))
     exact = exact.double().expand(actual.shape)
     error = (actual.double() - exact).abs()
@@ -364,8 +365,9 @@ def test_opcheck(triton_backend, schedule):
     ops = torch.ops.fastddpm
     torch.library.opcheck(ops.q_posterior_mean.default, (x_t, noise, t, table, False))
     torch.library.opcheck(ops.p_mean_variance.default, (out, x_t, t, table, "v", "learned_range", "clip", False))
-    torch.library.opcheck(ops.p_mean_variance.default, (out[:, :3].contiguous(), x_t, t, table, "eps", "fixed_small",
-                                                        "dynamic", False), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.p_mean_variance.default,
+                          (out[:, :3].contiguous(), x_t, t, table, "eps", "fixed_small", "dynamic", False),
+                          test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.p_sample_step.default,
                           (out, x_t, t, table, noise, seed[:0], "eps", "learned_range", "none", False, True))
     torch.library.opcheck(ops.p_sample_step.default,
@@ -436,7 +438,16 @@ def test_compiles_for_gpus_with_vector_accesses():
     # 8 elements a thread: two 16-byte accesses per full tensor in float32, one in bfloat16
     scale = {"float32": 2, "bfloat16": 1}
     per_tensor = [scale["float32"]] * 3 + [scale["bfloat16"]] * 3
-    assert_fast_ptx(specs, [n * k for n, k in zip(loads, per_tensor)], [n * k for n, k in zip(stores, per_tensor)])
+    loads, stores = [n * k for n, k in zip(loads, per_tensor)], [n * k for n, k in zip(stores, per_tensor)]
+    # channels_last learned range: the output's two halves interleave per pixel, so only x_t's
+    # loads and the stores are 16-byte (the model output is read by 4-byte gathers)
+    channels_last = specs[0]
+    specs.append({**channels_last, "signature": {**channels_last["signature"], **{
+        name: "*fp32" for name in data_pointers + ["log_var_ptr", "var_ptr"]}},
+        "constexprs": {**channels_last["constexprs"], "CHANNELS_LAST": True}})
+    loads.append(2)
+    stores.append(4)
+    assert_fast_ptx(specs, loads, stores)
 
 
 # -- bad input to the new arguments -------------------------------------------------------------

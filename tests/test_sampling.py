@@ -327,8 +327,9 @@ def test_unet_samples_with_guidance(reference_backend, schedule):
     from fastddpm.unet import UNet
 
     model = UNet.from_preset("tiny", in_channels=1, num_classes=10, learn_sigma=True).eval()
-    x = sample(model, (2, 1, 8, 8), schedule, steps=3, variance="learned_range", model_kwargs={"y": torch.tensor([3, 7])},
-               guidance_scale=2.0, generator=torch.Generator().manual_seed(6), progress=True)
+    x = sample(model, (2, 1, 8, 8), schedule, steps=3, variance="learned_range",
+               model_kwargs={"y": torch.tensor([3, 7])}, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(6), progress=True)
     assert x.shape == (2, 1, 8, 8) and bool(torch.isfinite(x).all())
 
 
@@ -394,7 +395,8 @@ def step_inputs(shape, dtype, learned):
 def assert_close_conditioned(actual, exact, like, t, schedule):
     """As test_posterior.assert_matches: the absolute tolerance scaled by the eps <-> x0 conditioning."""
     tolerance = TOLERANCES[like.dtype]
-    conditioning = torch.maximum(schedule.sqrt_recip_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod.reciprocal())
+    conditioning = torch.maximum(schedule.sqrt_recip_alphas_cumprod,
+                                 schedule.sqrt_one_minus_alphas_cumprod.reciprocal())
     atol = tolerance["atol"] * conditioning[t].reshape(-1, *([1] * (actual.ndim - 1)))
     assert actual.dtype == like.dtype
     error = (actual.double() - exact).abs()
