@@ -19,7 +19,7 @@ class TrainStep:
         grad_clip: max global gradient norm (Ho et al.: 1.0); None disables clipping.
         warmup_steps: linear LR warm-up from lr / warmup_steps to lr (Ho et al.: 5000).
         compile: True, or a dict of `torch.compile` options, compiles the model and loss as
-            one graph (its backward comes from AOTAutograd) from the second step on. The
+            one graph (its backward comes from AOTAutograd) after one eager step. The
             optimizer stays eager: its fused or foreach kernels already take a few launches.
         autocast_dtype: "auto" (bf16 on CUDA, none elsewhere), a dtype, or None.
     """
@@ -47,6 +47,7 @@ class TrainStep:
             pairs = [(e, p) for e, p in zip(self.ema_model.parameters(), base.parameters()) if p.requires_grad]
             self._ema_params, self._ema_sources = map(list, zip(*pairs))
         self._compiled_loss = None
+        self._stepped_eagerly = False
         if compile:
             options = dict(compile) if isinstance(compile, dict) else {}
             if on_cuda:
@@ -64,11 +65,12 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         # The first step runs eagerly, so caches that the loss builds lazily (a schedule's
         # device tables, say) exist before tracing instead of failing a guard: a recompile.
-        use_compiled = self._compiled_loss is not None and self.num_steps > 0
+        use_compiled = self._compiled_loss is not None and self._stepped_eagerly
         loss = (self._compiled_loss if use_compiled else self._autocast_loss)(x0, **model_kwargs)
         loss.backward()
         self._update()
         self.num_steps += 1
+        self._stepped_eagerly = True
         return loss.detach()
 
     def ema_state_dict(self):

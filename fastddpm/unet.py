@@ -393,13 +393,15 @@ def _check_config(c):
     if not set(c["attention_resolutions"]) <= set(resolutions):
         raise ValueError(f"attention_resolutions must be among the resolutions {resolutions}, "
                          f"got {c['attention_resolutions']}")
-    for mult in c["channel_mult"]:
-        width = c["model_channels"] * mult
+    widths = [c["model_channels"] * mult for mult in c["channel_mult"]]
+    for width in widths:
         if width % c["norm_groups"]:
             raise ValueError(f"norm_groups={c['norm_groups']} must divide every width, not {width}")
-        heads_width = c["num_head_channels"] or width // c["num_heads"]
-        if width % heads_width or width % c["num_heads"]:
-            raise ValueError(f"num_heads / num_head_channels must divide every width, not {width}")
+    attention_widths = [w for w, res in zip(widths, resolutions) if res in c["attention_resolutions"]] + widths[-1:]
+    for width in attention_widths:  # the middle block always has attention
+        head_channels = c["num_head_channels"] or width // c["num_heads"]
+        if width % c["num_heads"] or head_channels < 1 or width % head_channels:
+            raise ValueError(f"num_heads / num_head_channels must divide the attention width {width}")
     if c["downsample_pad"] not in DOWNSAMPLE_PADS:
         raise ValueError(f"downsample_pad must be one of {DOWNSAMPLE_PADS}, got {c['downsample_pad']!r}")
     if c["num_classes"] is not None and (not isinstance(c["num_classes"], int) or c["num_classes"] < 1):
