@@ -436,3 +436,26 @@ def test_pytorch_x0_hat_is_not_the_model_output(reference_backend, schedule):
     out, x_t, t, noise = step_inputs((2, 3, 4, 4), torch.float32, False)
     _, x0_hat = F.p_sample_step(out, x_t, t[:2], schedule, noise=noise, prediction="x0", return_x0_hat=True)
     assert torch.equal(x0_hat, out) and x0_hat.data_ptr() != out.data_ptr()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_zero_terminal_snr_first_step_is_finite(backend, clip):
+    """At ab = 0 (zero terminal SNR) a v prediction gives x0_hat = -v and eps_hat = x_t, clipped or
+    not (the float64 reference divides inf by inf there when it re-derives eps from a clipped x0)."""
+    schedule = NoiseSchedule.cosine(T, zero_terminal_snr=True)
+    x_t, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t, t_prev = torch.tensor([T - 1, T - 1]), torch.tensor([979, 979])
+    x0 = (-v.double()).clamp(-1, 1) if clip else -v.double()
+    ab_prev = schedule.alphas_cumprod[979]
+    previous = fastddpm.get_backend()
+    fastddpm.set_backend(backend)
+    try:
+        ddim = F.ddim_step(v, x_t, t, t_prev, schedule, prediction="v", clip_denoised=clip)
+        ddpm = F.p_sample_step(v, x_t, t, schedule, prediction="v", clip_denoised=clip, noise=torch.zeros_like(x_t))
+    finally:
+        fastddpm.set_backend(previous)
+    torch.testing.assert_close(ddim.double(), ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * x_t.double(),
+                               rtol=1e-5, atol=1e-5)
+    mean = schedule.posterior_mean_coef1[T - 1] * x0 + schedule.posterior_mean_coef2[T - 1] * x_t.double()
+    torch.testing.assert_close(ddpm.double(), mean, rtol=1e-5, atol=1e-5)
