@@ -15,6 +15,7 @@ setup(
         "torch>=2.6",
         "numpy",
         "einops",
+        "tqdm",  # progress bars of sample() and elbo_bpd()
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
