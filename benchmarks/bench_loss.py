@@ -10,10 +10,13 @@ The model is left out: `pred` is a fresh tensor requiring grad, standing in for 
 - eager: diffusers' training scripts: `randn_like`, `DDPMScheduler.add_noise`'s formula (in the
   input dtype), `F.mse_loss(pred.float(), noise.float())`; for min_snr the per-sample form of
   diffusers' train_text_to_image.py (`compute_snr`, `min(snr, gamma) / snr`).
-- compile: `torch.compile` (Inductor, static shapes) of that same eager code.
+- compile: `torch.compile` (Inductor, static shapes) of that same eager code. On CPU, Inductor
+  lowers `randn_like` to its own per-element Philox in C++, several times slower than ATen's
+  (`torch._inductor.config.fallback_random = True` avoids it); this is the default users get.
 
-Metrics: time (ms; CUDA: triton.testing.do_bench, CPU: time.perf_counter over interleaved
-repeats), bytes of the traffic model's floor (math.md section 7: read x0, write x_t, read pred,
+Metrics: time (ms; CUDA: triton.testing.do_bench; CPU: the process's CPU time over repeats
+with the providers interleaved, so that other load on the machine does not distort the
+comparison; `main` runs one thread on CPU unless told otherwise), bytes of the traffic model's floor (math.md section 7: read x0, write x_t, read pred,
 write grad: 4N for the eps target) and the bandwidth that floor implies at the measured time
 (the same bytes for every provider, so GB/s ranks them as time does), peak memory on CUDA.
 
@@ -23,6 +26,7 @@ write grad: 4N for the eps target) and the bandwidth that floor implies at the m
 import argparse
 import csv
 import datetime
+import random
 import statistics
 import time
 
@@ -94,16 +98,19 @@ def floor_bytes(x0):
 
 
 def time_cpu(steps, reps, warmup=3):
-    """{provider: [seconds]}, the providers interleaved so that machine noise hits them alike."""
+    """{provider: [p50, p20, p80] in ms} of process CPU time, the providers interleaved in a
+    new order every repeat (whoever runs after another finds the caches in its wake)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     samples = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
+        shuffle(order)
+        for name in order:
+            start = time.process_time()
+            steps[name]()
+            samples[name].append(time.process_time() - start)
     return {name: [1e3 * q for q in quantiles(values)] for name, values in samples.items()}
 
 
@@ -203,11 +210,10 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help=f"the full sizes {FULL_SIZES} (default on CUDA)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--out", default=None, help="CSV file for the long-format rows")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     rows = run(sizes=FULL_SIZES if args.full else None, dtypes=[getattr(torch, d) for d in args.dtypes.split(",")],
                device=args.device, reps=args.reps)
     if rows[0]["device"] == "cpu":
