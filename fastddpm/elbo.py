@@ -99,7 +99,8 @@ class LossSecondMomentSampler:
         if not isinstance(t, torch.Tensor) or not isinstance(losses, torch.Tensor):
             raise TypeError("t and losses must be tensors")
         if t.ndim != 1 or losses.shape != t.shape:
-            raise ValueError(f"t and losses must have the same shape (B,), got {tuple(t.shape)} and {tuple(losses.shape)}")
+            raise ValueError(f"t and losses must have the same shape (B,), got {tuple(t.shape)} and "
+                             f"{tuple(losses.shape)}")
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"t must be an int64 tensor, got {t.dtype}")
         newest, counts = self._newest_per_term(t.to(self.device).long(), losses.detach().to(self.device, torch.float64))
@@ -230,8 +231,9 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
         of shape (B, T), column t for timestep t.
     `timesteps=K` (2 <= K <= T): an unbiased estimate of the same total from K model calls:
     the decoder term at t = 0 exactly (the largest single term, it would dominate the variance),
-    and one uniform t in each of K-1 near-equal strata of 1..T-1 (stratum j of n_j steps), drawn
-    per sample: E[n_j vb_{t_j}] = sum of vb over stratum j, so
+    and one uniform t in each of K-1 strata of 1..T-1 (stratum j of n_j steps; `strata="log"`,
+    geometric, or "equal": see `stratum_edges`), drawn per sample: E[n_j vb_{t_j}] = the sum of
+    vb over stratum j, so
         total_bpd = prior_bpd + vb_0 + sum_j n_j vb_{t_j}
     is unbiased for the full loop's expectation; `total_bpd_stderr` is its collapsed-strata
     standard error (see `collapsed_strata_stderr`; NaN for K = 2). vb, mse, xstart_mse are then
@@ -304,6 +306,7 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
     if timesteps is None:
         return {"total_bpd": prior + vb.sum(1), "prior_bpd": prior, "vb": vb, "mse": mse, "xstart_mse": xstart_mse}
     contributions = vb * sizes.to(result_dtype)
-    return {"total_bpd": prior + contributions.sum(1), "total_bpd_stderr": collapsed_strata_stderr(contributions[:, 1:]),
+    return {"total_bpd": prior + contributions.sum(1),
+            "total_bpd_stderr": collapsed_strata_stderr(contributions[:, 1:]),
             "prior_bpd": prior, "vb": vb, "mse": mse, "xstart_mse": xstart_mse, "t": columns,
             "stratum_sizes": sizes.to(result_dtype)}

@@ -8,9 +8,10 @@ x0's dtype, as q_sample stored it), eps read or regenerated from q_sample's Phil
     hybrid:  L_b = w[t] mean((out - target)^2) + vlb_weight · vb_t(stop_grad(out), v)
     kl:      L_b = vlb_weight · vb_t(out, v)
 
-vb_t is the bits/dim term of kernels/vlb.py (KL for t >= 1, decoder NLL for t = 0). The
-gradient is written in the same pass: in the hybrid loss, the mean half's gradient comes from
-the MSE only, `2 w[t] (out - target) / D`, and the variance half's from the vb term,
+vb_t is the bits/dim term of kernels/vlb.py (KL for t >= 1, decoder NLL for t = 0); the
+unweighted MSE of the mean half is returned in both cases, as a statistic. The gradient is
+written in the same pass: in the hybrid loss, the mean half's gradient comes from the MSE
+only, `2 w[t] (out - target) / D`, and the variance half's from the vb term,
 `vlb_weight / (D log 2) · d term / d log_var · (log betas[t] - log posterior var[t]) / 2`, where
 for t = 0, with c = x0 - mu, s = exp(-log_var / 2), a = s (c + 1/255), b = s (c - 1/255),
 d log(Phi(a) - Phi(b)) / d log_var = -(a phi(a) - b phi(b)) / (2 (Phi(a) - Phi(b))) (one-sided at

@@ -230,8 +230,14 @@ def test_backends_and_batched_timesteps_agree(triton_backend):
             torch.testing.assert_close(batched[key], base[key], rtol=1e-6, atol=1e-7)
     fastddpm.set_backend("reference")
     reference = F.elbo_bpd(model, x0, SMALL, generator=torch.Generator().manual_seed(0), **options)
-    for key in base:
+    for key in ("mse", "xstart_mse", "prior_bpd"):
         torch.testing.assert_close(reference[key], base[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(reference["vb"][:, 1:], base["vb"][:, 1:], rtol=1e-4, atol=1e-6)
+    # The decoder (t = 0): the float32 reference takes differences of erf values near 1, good to
+    # ~1e-3 relative (and run to run, as torch's vectorised erf follows memory alignment); the
+    # kernel's decoder is checked against float64 and exact tail probabilities in test_vlb.py.
+    torch.testing.assert_close(reference["vb"][:, 0], base["vb"][:, 0], rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(reference["total_bpd"], base["total_bpd"], rtol=1e-2, atol=1e-4)
 
 
 def test_dynamic_thresholding_and_float64(triton_backend):

@@ -6,9 +6,8 @@ import zlib
 
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout, relative_error
+from conftest import SHAPES, make_layout, relative_error
 
-import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
@@ -24,8 +23,8 @@ SCHEDULE = NoiseSchedule.linear(100, rescale_with_T=True)
 T = SCHEDULE.num_timesteps
 
 
-def make_inputs(shape, dtype=torch.float32, prediction="eps", variance="fixed_small", *, spread=0.5, layout="contiguous",
-                t=None):
+def make_inputs(shape, dtype=torch.float32, prediction="eps", variance="fixed_small", *, spread=0.5,
+                layout="contiguous", t=None):
     """(model_output, x0, x_t, noise, t): x0 in [-1, 1] with some pixels exactly at the edges ±1,
     t = 0 for the first sample and t >= 1 for the others, and a plausible model: eps_hat = eps +
     spread · N(0, 1), written in `prediction`'s parameterization (keeps the decoder's bin masses
@@ -335,7 +334,10 @@ def test_opcheck(triton_backend):
     table, pred_table = SCHEDULE.kernel_table("cpu"), vlb.prediction_table(SCHEDULE, "eps", "cpu")
     row = vlb.FIXED_LOG_VARIANCE_ROWS["learned_range"]
     torch.library.opcheck(torch.ops.fastddpm.vb_terms_bpd,
-                          (output.requires_grad_(), x0, x_t, noise, t, table, pred_table, True, row, False, False, False))
+                          (output.requires_grad_(), x0, x_t, noise, t, table, pred_table, True, row, False, False,
+                           False))
+    torch.library.opcheck(torch.ops.fastddpm.vb_terms_bpd_backward,
+                          (output.detach(), x0, x_t, t, table, pred_table, torch.rand(2), True, row, True, False, False))
     weights = SCHEDULE.loss_weight_table("simple", "eps", 5.0, "cpu")
     torch.library.opcheck(torch.ops.fastddpm.vlb_loss,
                           (output, x0, noise, t, table, pred_table, weights, t.new_empty(0), 0.1, True, True, row,
