@@ -43,7 +43,7 @@ SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
 TARGET_TERMS = {"eps": (True, False), "x0": (False, True), "v": (True, True)}
-NO_GRAD_MESSAGE = (
+SECOND_BACKWARD_MESSAGE = (
     "the fused diffusion_loss hands its precomputed gradient to the first backward; backward through "
     "it twice (retain_graph=True) is not supported: compute the loss again, or use set_backend('reference')")
 
@@ -72,7 +72,7 @@ def diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, grad_ptr, partial_ptr, t_
     else:
         target = x0
     diff = tl.where(mask, pred - target, 0.0)
-    weight_per_element = weight / D.to(tl.float32)
+    weight_per_element = weight / D
     tl.store(partial_ptr + sample * tl.num_programs(0) + tl.program_id(0),
              weight_per_element * tl.sum(diff * diff, axis=0))
     if STORE_GRAD:
@@ -152,7 +152,7 @@ def _setup_context(ctx, inputs, output):
     pred, x0, noise, t, table, *_, prediction, _reduction, _channels_last, _store_grad = inputs
     _loss, grad = output
     ctx.mark_non_differentiable(grad)
-    ctx.grad_handed_over = False  # the first backward owns grad (see NO_GRAD_MESSAGE)
+    ctx.grad_handed_over = False  # the first backward owns grad (see SECOND_BACKWARD_MESSAGE)
     ctx.prediction = prediction
     ctx.x0_given, ctx.noise_given = x0 is not None, noise is not None
     ctx.save_for_backward(grad, t, table)
@@ -160,7 +160,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     if ctx.grad_handed_over:
-        raise RuntimeError(NO_GRAD_MESSAGE)
+        raise RuntimeError(SECOND_BACKWARD_MESSAGE)
     ctx.grad_handed_over = True
     grad, t, table = ctx.saved_tensors
     shape = (-1,) + (1,) * (grad.ndim - 1)

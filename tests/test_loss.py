@@ -112,6 +112,13 @@ def test_many_blocks_per_sample_and_batch_one(triton_backend):
         check_against_reference(pred, x0, noise, t, reduction=reduction, prediction="x0", weighting="vlb")
 
 
+def test_one_element_per_sample(triton_backend):
+    """D = 1 (which the JIT specializes to a constant)."""
+    pred, x0, noise, t = inputs((3, 1))
+    for reduction in REDUCTIONS:
+        check_against_reference(pred, x0, None, t, seed=torch.tensor([6]), reduction=reduction, prediction="v")
+
+
 def test_half_prediction_with_float32_data(triton_backend):
     """bf16 autocast: the model output is bfloat16, x0 float32; the gradient is bfloat16."""
     pred, x0, noise, t = inputs((2, 3, 6, 6))
