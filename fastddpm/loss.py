@@ -29,7 +29,9 @@ class DiffusionLoss(nn.Module):
     `model(x_t, t, **model_kwargs)` and returns the fused loss, which regenerates the same
     noise from the seed: no noise tensor is ever written (4 full-tensor passes per step on
     the triton backend: read x0, write x_t, read pred, write grad). On the reference backend
-    (CPU under "auto") the same calls materialise the noise and run the reference.
+    (CPU under "auto") the same calls materialise the noise and run `eager_diffusion_loss`.
+    Under torch.compile(fullgraph=True) leave `generator` None (Dynamo cannot trace one):
+    the global RNG then gives the same graph every step.
 
     For loops that call the model themselves::
 
