@@ -8,7 +8,8 @@ from torch import nn
 from . import functional, reference
 from ._checks import check_choice, check_float, check_generator, check_schedule, draw_seed
 from .backend import use_triton
-from .functional import REDUCTIONS
+from .elbo import LossSecondMomentSampler
+from .functional import REDUCTIONS, VARIANCES
 from .schedule import PREDICTIONS, WEIGHTINGS
 
 
@@ -18,6 +19,7 @@ class NoiseState(NamedTuple):
     t: torch.Tensor
     seed: torch.Tensor | None
     noise: torch.Tensor | None
+    importance_weights: torch.Tensor | None = None  # 1 / (T p_t) when t is importance-sampled
 
 
 class DiffusionLoss(nn.Module):
@@ -38,19 +40,39 @@ class DiffusionLoss(nn.Module):
         x_t, t, state = loss_fn.noise(x0)
         loss = loss_fn.loss(model(x_t, t), x0, state)
 
+    Training on the bound (improved DDPM): `variance="learned_range"` makes the model output
+    2C channels and the loss the hybrid `L_simple + vlb_weight · vb_t` (mean detached inside
+    vb_t; vlb_weight defaults to T/1000); `loss_type="kl"` is improved-diffusion's rescaled KL
+    (vb_t · T) for any variance. `timestep_sampler="loss-second-moment"` (or a
+    `LossSecondMomentSampler`) draws t by importance and weights each sample by 1/(T p_t); its
+    update is a collective under torch.distributed, so keep it out of compiled regions.
+
     Args:
         schedule: a NoiseSchedule (kept as `.schedule`).
         prediction: what the model predicts: "eps", "x0" or "v".
         weighting: "simple", "vlb", "snr", "min_snr", "p2", or a tensor of length T.
         gamma: the min-SNR clip (Hang et al.: 5).
         reduction: "mean" (default), "sum" or "none" (the per-sample losses).
+        variance: "fixed_small" (default), "fixed_large" or "learned_range".
+        loss_type: "mse" (default; "hybrid" with a learned variance) or "kl".
+        vlb_weight: the weight of vb_t in the hybrid or KL loss (None: T/1000 or T).
+        timestep_sampler: "uniform" (default), "loss-second-moment" or a LossSecondMomentSampler.
     """
 
-    def __init__(self, schedule, prediction="eps", weighting="simple", gamma=5.0, reduction="mean"):
+    def __init__(self, schedule, prediction="eps", weighting="simple", gamma=5.0, reduction="mean", *,
+                 variance="fixed_small", loss_type="mse", vlb_weight=None, timestep_sampler="uniform"):
         super().__init__()
         check_schedule(schedule)
         check_choice(prediction, "prediction", PREDICTIONS)
         check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(variance, "variance", VARIANCES)
+        check_choice(loss_type, "loss_type", ("mse", "kl"))
+        if isinstance(timestep_sampler, str):
+            check_choice(timestep_sampler, "timestep_sampler", ("uniform", "loss-second-moment"))
+            timestep_sampler = None if timestep_sampler == "uniform" else LossSecondMomentSampler(schedule)
+        elif not isinstance(timestep_sampler, LossSecondMomentSampler):
+            raise TypeError("timestep_sampler must be 'uniform', 'loss-second-moment' or a LossSecondMomentSampler, "
+                            f"got {type(timestep_sampler).__name__}")
         if isinstance(weighting, torch.Tensor):
             # validated and made a float64 CPU table once, not at every call
             weighting = schedule.loss_weights(weighting)
@@ -63,6 +85,11 @@ class DiffusionLoss(nn.Module):
         self.weighting = weighting
         self.gamma = float(gamma)
         self.reduction = reduction
+        self.variance = variance
+        # the bound enters through hybrid_loss: a learned variance, or the KL objective
+        self.bound_loss = "kl" if loss_type == "kl" else ("hybrid" if variance == "learned_range" else None)
+        self.vlb_weight = vlb_weight
+        self.timestep_sampler = timestep_sampler
 
     def forward(self, model, x0, *, generator=None, **model_kwargs):
         if not callable(model):
@@ -74,26 +101,42 @@ class DiffusionLoss(nn.Module):
         """(x_t, t, state): t drawn uniformly on x0's device, x_t = q_sample(x0, t, fresh noise)."""
         check_float(x0, "x0")
         check_generator(generator)
-        t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device, generator=generator)
+        if self.timestep_sampler is None:
+            t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device, generator=generator)
+            weights = None
+        else:
+            t, weights = self.timestep_sampler.sample(x0.shape[0], generator=generator)
+            t, weights = t.to(x0.device), weights.to(x0.device)
         if use_triton(x0):
             seed = draw_seed(x0.device, generator)
             x_t = functional.q_sample(x0, t, None, self.schedule, seed=seed)
-            return x_t, t, NoiseState(t, seed, None)
+            return x_t, t, NoiseState(t, seed, None, weights)
         x_t, noise = functional.q_sample(x0, t, None, self.schedule, generator=generator, return_noise=True)
-        return x_t, t, NoiseState(t, None, noise)
+        return x_t, t, NoiseState(t, None, noise, weights)
 
     def loss(self, model_output, x0, state):
         """The loss of `model_output` for the x_t that `noise(x0)` returned with `state`."""
         if not isinstance(state, NoiseState):
             raise TypeError(f"state must be the NoiseState returned by DiffusionLoss.noise, got {type(state).__name__}")
-        return functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule,
-                                         prediction=self.prediction, weighting=self.weighting, gamma=self.gamma,
-                                         reduction=self.reduction, seed=state.seed)
+        weighted = state.importance_weights is not None
+        reduction = "none" if weighted else self.reduction
+        options = dict(prediction=self.prediction, weighting=self.weighting, gamma=self.gamma, reduction=reduction,
+                       seed=state.seed)
+        if self.bound_loss is None:
+            losses = functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options)
+        else:
+            losses = functional.hybrid_loss(model_output, x0, state.noise, state.t, self.schedule, **options,
+                                            vlb_weight=self.vlb_weight, loss=self.bound_loss, variance=self.variance)
+        if not weighted:
+            return losses
+        self.timestep_sampler.update(state.t, losses.detach())
+        return reference.reduce_per_sample(losses * state.importance_weights, self.reduction)
 
     def extra_repr(self):
         weighting = "tensor" if isinstance(self.weighting, torch.Tensor) else repr(self.weighting)
         return (f"T={self.schedule.num_timesteps}, prediction={self.prediction!r}, weighting={weighting}, "
-                f"gamma={self.gamma}, reduction={self.reduction!r}")
+                f"gamma={self.gamma}, reduction={self.reduction!r}, variance={self.variance!r}, "
+                f"bound_loss={self.bound_loss!r}, timestep_sampler={type(self.timestep_sampler).__name__}")
 
 
 def eager_diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
