@@ -88,6 +88,14 @@ def format_table(rows):
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
+def _number(value):
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def plot_speedups(rows, path):
     """A bar chart of the speedup over eager per op / shape / dtype (one bar per provider)."""
     from matplotlib.figure import Figure

@@ -49,7 +49,7 @@ def _add_train_arguments(parser):
         "lr": "AdamW learning rate",
         "warmup": "linear learning-rate warm-up steps",
         "grad_clip": "max gradient norm ('none' disables)",
-        "ema_decay": "EMA rate of the weights ('none' disables)",
+        "ema_decay": "EMA rate of the weights, warmed up as min(rate, (1+step)/(10+step)) ('none' disables)",
         "seed": "seed of the weights, data order, split and noise",
         "log_every": "steps between loss checks and progress-bar updates",
         "checkpoint_every": "steps between checkpoints",

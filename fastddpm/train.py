@@ -247,6 +247,8 @@ class _Run:
         with stop.installed():
             while self.step < config.steps:
                 x0 = self.train_on_device[self.sampler.indices(self.step).to(self.env.device)]
+                if config.ema_decay is not None:
+                    self.trainer.ema_decay = ema_decay_at(self.step, config.ema_decay)
                 pending.append(self.trainer.step(x0))
                 self.step += 1
                 interval_steps += 1
@@ -402,6 +404,12 @@ class _Run:
 # -- pieces shared with `fastddpm sample` and `fastddpm elbo` -----------------------------------
 
 
+def ema_decay_at(step, decay):
+    """The EMA rate of a step: min(decay, (1 + step) / (10 + step)), diffusers' EMAModel warm-up,
+    so that a short run's average is not dominated by its first, untrained weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def make_schedule(name, timesteps):
     if name == "cosine":
         return NoiseSchedule.cosine(timesteps)
@@ -434,8 +442,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated files and foreign pickles raise many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(error).__name__}: {error}") from error
+                              f"{type(error).__name__}: {reason}") from error
     if not isinstance(state, dict) or state.get("fastddpm_checkpoint") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fastddpm checkpoint (written by `fastddpm train`)")
     missing = {"config", "unet_config", "image_shape", "step", "model", "ema", "optimizer", "loss_history", "rng"} - set(state)

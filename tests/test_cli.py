@@ -1,0 +1,186 @@
+"""The `fastddpm` command: train, sample, elbo, bench, verify, and their error messages."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastddpm.verify
+from fastddpm import bench
+from fastddpm.cli import main
+
+TINY_TRAIN = ["--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "1", "--num-samples", "4",
+              "--sample-steps", "4", "--elbo-timesteps", "3", "--test-fraction", "0.25", "--threads", "1",
+              "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two threads on two busy cores crawl (they spin-wait on each other); the runs here are tiny."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data_npy(tmp_path_factory):
+    from sklearn.datasets import load_digits
+    path = tmp_path_factory.mktemp("data") / "digits40.npy"
+    np.save(path, np.round(load_digits().images[:40] * (255 / 16)).astype(np.uint8))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_npy):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data", data_npy, "--out", str(out), *TINY_TRAIN]) == 0
+    return str(out)
+
+
+def test_train_writes_the_run_folder(run_dir):
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "loss.png", "metrics.json", "samples.png"]
+    metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
+    assert metrics["steps"] == 2 and metrics["test_images"] == 10
+
+
+def test_sample_writes_a_grid_or_an_array_reproducibly(run_dir, tmp_path):
+    from matplotlib.image import imread
+    png = tmp_path / "grid.png"
+    assert main(["sample", run_dir, "--method", "ddim", "--steps", "4", "--num", "6", "--out", str(png),
+                 "--no-progress"]) == 0
+    assert imread(png).ndim == 3
+    arrays = []
+    for seed, method in (("1", "ddim"), ("1", "ddim"), ("2", "ddim"), ("1", "ddpm")):
+        path = tmp_path / f"samples_{len(arrays)}.npy"
+        assert main(["sample", os.path.join(run_dir, "checkpoint.pt"), "--method", method, "--num", "3",
+                     "--seed", seed, "--out", str(path), "--no-progress"]
+                    + (["--steps", "4", "--eta", "0.5"] if method == "ddim" else ["--steps", "none"])) == 0
+        arrays.append(np.load(path))
+    assert arrays[0].shape == (3, 1, 8, 8) and np.abs(arrays[0]).max() <= 1
+    assert np.array_equal(arrays[0], arrays[1])  # the seed fixes the samples
+    assert not np.array_equal(arrays[0], arrays[2])
+    assert not np.array_equal(arrays[0], arrays[3])
+
+
+def test_elbo_prints_bits_per_dim(run_dir, data_npy, capsys):
+    assert main(["elbo", run_dir, "--timesteps", "3", "--no-progress"]) == 0
+    assert "the test split of" in capsys.readouterr().out
+    assert main(["elbo", run_dir, "--data", data_npy, "--timesteps", "4", "--limit", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    bpd = float(out.split(": ")[1].split(" bits/dim")[0])
+    assert np.isfinite(bpd) and bpd > 0 and "5 images" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "{tmp}/missing"], "no checkpoint at"),
+    (["sample", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
+    (["elbo", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
+    (["sample", "{run}", "--steps", "50"], "--steps must lie in [1, T=20]"),
+    (["elbo", "{run}", "--timesteps", "1"], "--timesteps must lie in [2, T=20]"),
+    (["elbo", "{run}", "--data", "{tmp}/rgb.npy"], "has 3 channel(s); the model was trained on 1"),
+    (["train", "--data", "{tmp}/empty", "--out", "{tmp}/r1"], "holds no images"),
+    (["train", "--data", "{tmp}/rgb.npy", "--out", "{tmp}/r2", "--steps", "0"], "--steps must be an integer >= 1"),
+    (["train", "--data", "{tmp}/wrong.npy", "--out", "{tmp}/r3"], "dtype must be uint8"),
+    (["train", "--data", "{tmp}/rgb.npy", "--out", "{run}"], "already holds a run"),
+])
+def test_errors_are_one_clear_line(argv, message, run_dir, tmp_path, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02 garbage")
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "rgb.npy", np.zeros((4, 3, 8, 8), np.uint8))
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 8, 8), np.int64))
+    argv = [arg.format(tmp=tmp_path, run=run_dir) for arg in argv]
+    assert main(argv + ["--no-progress"] * (argv[0] != "bench")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastddpm {argv[0]}: error: ") and message in err and err.count("\n") == 1
+
+
+def test_python_dash_m_fastddpm_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "fastddpm", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("train", "sample", "elbo", "bench", "verify"):
+        assert command in result.stdout
+
+
+def test_verify_reexecs_under_the_interpreter_on_cpu(monkeypatch):
+    calls = []
+
+    class Exec(Exception):
+        pass
+
+    def fake_execve(path, argv, env):
+        calls.append((path, argv, env))
+        raise Exec
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(os, "execve", fake_execve)
+    with pytest.raises(Exec):
+        main(["verify", "--device", "cpu"])
+    path, argv, env = calls[0]
+    assert path == sys.executable and argv == [sys.executable, "-m", "fastddpm", "verify", "--device", "cpu"]
+    assert env["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.parametrize("passed, status", [(True, 0), (False, 1)])
+def test_verify_exit_status_follows_the_result(passed, status, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = {}
+
+    def fake_verify(device=None, **kwargs):
+        seen["device"] = device
+        return passed
+
+    monkeypatch.setattr(fastddpm.verify, "verify", fake_verify)
+    assert main(["verify", "--device", "cpu"]) == status
+    assert seen["device"] == "cpu"
+    assert ("error" in capsys.readouterr().err) == (not passed)
+
+
+def fake_rows(device="cpu"):
+    common = dict(mode="full", metric="time", unit="ms", dtype="float32", device=device, torch="x", triton="y",
+                  time="now")
+    rows = [dict(common, op="loss_step_simple", shape="8x3x32x32", provider="eager", p50=2.0, p20=1.9, p80=2.1),
+            dict(common, op="loss_step_simple", shape="8x3x32x32", provider="fastddpm", p50=0.5, p20=0.4, p80=0.6),
+            dict(common, op="loss_step_simple", shape="8x3x32x32", provider="compile", p50=1.0, p20=0.9, p80=1.1),
+            dict(common, op="loss_step_simple", shape="8x3x32x32", provider="eager", metric="bytes", unit="B",
+                 p50=1e6, p20=1e6, p80=1e6)]
+    wide = [dict(bench="train_step", provider=provider, preset="tiny", image_size=8, batch=8, device=device,
+                 autocast="none", images_per_s=rate, images_per_s_windows=[rate * 0.9, rate, rate * 1.1], torch="x")
+            for provider, rate in (("diffusers", 100.0), ("fastddpm", 150.0))]
+    return rows, wide
+
+
+def test_bench_table_json_and_plot(monkeypatch, tmp_path, capsys):
+    from matplotlib.image import imread
+    rows, wide = fake_rows()
+    by_name = {"loss": rows, "train_step": [bench._long_format("train_step", row) for row in wide]}
+    monkeypatch.setattr(bench, "run_benchmark", lambda name, device: by_name[name])
+    json_path, plot_path = tmp_path / "out" / "bench.json", tmp_path / "out" / "speedup.png"
+    assert main(["bench", "--only", "loss", "train_step", "--json", str(json_path), "--plot", str(plot_path)]) == 0
+    table = capsys.readouterr().out
+    assert "4.00x" in table and "2.00x" in table and "1.50x" in table  # 2/0.5, 2/1, 150/100
+    written = json.loads(json_path.read_text())
+    assert len(written) == 6 and {row["op"] for row in written} == {"loss_step_simple", "train_step"}
+    assert imread(plot_path).ndim == 3
+    ratios = {(op, provider): value for op, *_, provider, baseline, value in bench.speedups(written)}
+    assert ratios == {("loss_step_simple", "fastddpm"): 4.0, ("loss_step_simple", "compile"): 2.0,
+                      ("train_step", "fastddpm"): 1.5}
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["bench", "--only", "nothing"]) == 1
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_bench_runs_a_real_benchmark_module(monkeypatch):
+    """The import path fastddpm.benchmarks.bench_loss and its run() signature, on a tiny size."""
+    monkeypatch.setitem(bench.CPU_OPTIONS, "loss", dict(sizes=((2, 3, 8, 8),), dtypes=(torch.float32,),
+                                                        weightings=("simple",), providers=("fastddpm", "eager"),
+                                                        reps=2))
+    rows = bench.run_benchmark("loss", "cpu")
+    assert {row["provider"] for row in rows} == {"fastddpm", "eager"}
+    assert all(set(bench_field for bench_field in ("op", "metric", "unit", "p50")) <= set(row) for row in rows)
+    assert any(entry[5] == "fastddpm" for entry in bench.speedups(rows))
