@@ -51,8 +51,9 @@ def check_timesteps(t, name, like, schedule, allow_minus_one=False):
     low, T = (-1 if allow_minus_one else 0), schedule.num_timesteps
     message = f"{name} must lie in [{low}, {T})"
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(((t < low) | (t >= T)).any()):
-            raise ValueError(f"{message}, got values from {int(t.min())} to {int(t.max())}")
+        smallest, largest = (int(v) for v in torch.aminmax(t))
+        if smallest < low or largest >= T:
+            raise ValueError(f"{message}, got values from {smallest} to {largest}")
     else:
         torch._assert_async(((t >= low) & (t < T)).all(), message)
     return t.long()

@@ -33,8 +33,8 @@ def _up(x, like):
 
 def q_sample(x0, t, noise, schedule):
     """x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps (math.md section 3)."""
-    x_t = gather(schedule.sqrt_alphas_cumprod, t, x0) * _up(x0, x0) \
-        + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * _up(noise, x0)
+    x_t = torch.addcmul(gather(schedule.sqrt_alphas_cumprod, t, x0) * _up(x0, x0),
+                        gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0), _up(noise, x0))
     return x_t.to(x0.dtype)
 
 

@@ -150,7 +150,11 @@ class NoiseSchedule:
             # coef1² / (2 σ²) on the x0 MSE, which stays finite where alpha = 0 (zero terminal SNR).
             sigma2 = self.posterior_log_variance_clipped.exp()
             w_x0 = self.posterior_mean_coef1 ** 2 / (2 * sigma2)
-            return _finite(w_x0 / snr.clamp(min=1e-300) * _eps_to(prediction, snr))
+            if prediction == "x0":
+                return w_x0
+            if prediction == "v":
+                return w_x0 / (1 + snr)
+            return _finite(torch.where(snr > 0, w_x0 / snr, torch.inf))
         if weighting == "snr":
             return snr * _eps_to(prediction, snr)
         if weighting == "min_snr":
