@@ -17,8 +17,8 @@ import sys
 import torch
 
 from .data import DataError
-from .train import (SAMPLE_METHODS, SCHEDULES, CheckpointError, NonFiniteLossError, TrainConfig,
-                    TrainingInterrupted)
+from .train import (SAMPLE_METHODS, SCHEDULES, TIMESTEP_SAMPLERS, VARIANCES, CheckpointError, NonFiniteLossError,
+                    TrainConfig, TrainingInterrupted)
 
 
 def _optional_float(text):
@@ -44,6 +44,8 @@ def _add_train_arguments(parser):
         "prediction": "what the model predicts",
         "weighting": "loss weighting over t",
         "gamma": "min-SNR clip for --weighting min_snr",
+        "variance": "reverse-process variance; learned_range trains a 2C-channel model on the hybrid loss",
+        "timestep_sampler": "how t is drawn: uniform, or importance-sampled by the loss's second moment",
         "steps": "total optimizer steps (with --resume: the new total)",
         "batch_size": "global batch, split across processes",
         "lr": "AdamW learning rate",
@@ -61,7 +63,8 @@ def _add_train_arguments(parser):
         "device": "cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
         "threads": "CPU threads per process (default: the cores divided among the processes)",
     }
-    choices = {"preset": None, "schedule": SCHEDULES, "sample_method": SAMPLE_METHODS,
+    choices = {"preset": None, "schedule": SCHEDULES, "sample_method": SAMPLE_METHODS, "variance": VARIANCES,
+               "timestep_sampler": TIMESTEP_SAMPLERS,
                "prediction": ("eps", "x0", "v"), "weighting": ("simple", "vlb", "snr", "min_snr", "p2")}
     for field in dataclasses.fields(TrainConfig):
         if field.name == "compile":
@@ -108,7 +111,8 @@ def _build_parser():
     elbo = commands.add_parser("elbo", help="a checkpoint's bits/dim (negative ELBO) on a data set")
     elbo.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     elbo.add_argument("--data", default=None,
-                      help="'digits', a folder or an .npy (default: the run's test split; a given --data is used whole)")
+                      help="'digits', a folder or an .npy (default: the run's test split; a given --data is "
+                      "used whole)")
     elbo.add_argument("--timesteps", type=_optional_int, default=None,
                       help="K-sample estimate (default: every t, the full bound)")
     elbo.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
@@ -158,9 +162,9 @@ def _sample(args):
     model, schedule, config = model_from_checkpoint(state, ema=not args.no_ema, device=device)
     if args.steps is not None and not 1 <= args.steps <= schedule.num_timesteps:
         raise ValueError(f"--steps must lie in [1, T={schedule.num_timesteps}], got {args.steps}")
-    samples = draw_samples(model, args.num, tuple(state["image_shape"]), schedule, method=args.method, steps=args.steps, eta=args.eta,
-                           prediction=config.prediction, seed=args.seed, device=device,
-                           progress=not args.no_progress)
+    samples = draw_samples(model, args.num, tuple(state["image_shape"]), schedule, method=args.method, steps=args.steps,
+                           eta=args.eta, prediction=config.prediction, variance=config.variance, seed=args.seed,
+                           device=device, progress=not args.no_progress)
     if args.out.endswith(".npy"):
         import numpy as np
         np.save(args.out, samples.numpy())
@@ -190,8 +194,9 @@ def _elbo(args):
         raise ValueError(f"{described} holds no images to evaluate")
     if tuple(images.shape[1:2]) != (model.in_channels,):
         raise ValueError(f"{described} has {images.shape[1]} channel(s); the model was trained on {model.in_channels}")
-    result = evaluate_bpd(model, images.to(device), schedule, prediction=config.prediction, timesteps=args.timesteps,
-                          seed=args.seed, progress=not args.no_progress, batch_size=args.batch_size)
+    result = evaluate_bpd(model, images.to(device), schedule, prediction=config.prediction, variance=config.variance,
+                          timesteps=args.timesteps, seed=args.seed, progress=not args.no_progress,
+                          batch_size=args.batch_size)
     estimate = f"K={args.timesteps} estimate" if args.timesteps else f"all T={schedule.num_timesteps} timesteps"
     print(f"{described}: {result['total_bpd']:.4f} bits/dim ({estimate}, {result['images']} images; "
           f"prior {result['prior_bpd']:.4f}, decoder {result['decoder_bpd']:.4f})")

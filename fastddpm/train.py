@@ -38,6 +38,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 SCHEDULES = ("linear", "cosine")
 SAMPLE_METHODS = ("ddpm", "ddim")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 CONFIDENT = 0.9  # a sample counts as a recognisable digit if the classifier gives it this probability
 
 
@@ -54,6 +56,8 @@ class TrainConfig:
     prediction: str = "eps"
     weighting: str = "simple"
     gamma: float = 5.0
+    variance: str = "fixed_small"  # "learned_range": a 2C-channel model trained on the hybrid loss
+    timestep_sampler: str = "uniform"
     steps: int = 4000
     batch_size: int = 128  # the global batch, split across processes
     lr: float = 1e-3
@@ -91,9 +95,14 @@ class TrainConfig:
         for name, value, choices in (("preset", self.preset, sorted(PRESETS)), ("schedule", self.schedule, SCHEDULES),
                                      ("prediction", self.prediction, PREDICTIONS),
                                      ("weighting", self.weighting, WEIGHTINGS),
+                                     ("variance", self.variance, VARIANCES),
+                                     ("timestep-sampler", self.timestep_sampler, TIMESTEP_SAMPLERS),
                                      ("sample-method", self.sample_method, SAMPLE_METHODS)):
             if value not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+        if self.compile and self.timestep_sampler != "uniform":
+            raise ValueError("--timestep-sampler loss-second-moment updates its history outside the graph: "
+                             "it cannot run with --compile")
         if self.sample_steps is not None and not 1 <= self.sample_steps <= self.timesteps:
             raise ValueError(f"--sample-steps must lie in [1, {self.timesteps}], got {self.sample_steps}")
         if self.elbo_timesteps is not None and not 2 <= self.elbo_timesteps <= self.timesteps:
@@ -208,7 +217,10 @@ class _Run:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = build_model(config, self.train_images.shape[1:]).to(device)
         loss_fn = DiffusionLoss(self.schedule, prediction=config.prediction, weighting=config.weighting,
-                                gamma=config.gamma)
+                                gamma=config.gamma, variance=config.variance, timestep_sampler=config.timestep_sampler)
+        self.timestep_sampler = loss_fn.timestep_sampler
+        if self.timestep_sampler is not None:
+            self.timestep_sampler.to(device)
         self.trainer = TrainStep(self.model, loss_fn, lr=config.lr, ema_decay=config.ema_decay,
                                  grad_clip=config.grad_clip, warmup_steps=config.warmup, compile=config.compile)
         if env.distributed:
@@ -316,6 +328,7 @@ class _Run:
                 "world_size": self.env.world_size,
                 "train_seconds": self.train_seconds,
                 "images_seen": self.images_seen,
+                "timestep_sampler": None if self.timestep_sampler is None else self.timestep_sampler.state_dict(),
             }
             os.makedirs(self.config.out, exist_ok=True)
             temporary = self.checkpoint_path + ".tmp"
@@ -332,6 +345,8 @@ class _Run:
                 raise CheckpointError(f"{self.checkpoint_path} holds no EMA weights but the run keeps an EMA")
             self.trainer.ema_model.load_state_dict(saved["ema"])
         self.trainer.optimizer.load_state_dict(saved["optimizer"])
+        if self.timestep_sampler is not None:
+            self.timestep_sampler.load_state_dict(saved["timestep_sampler"])
         self.step = self.trainer.num_steps = saved["step"]
         self.loss_history = list(saved["loss_history"])
         self.saved_step = saved["step"]
@@ -365,7 +380,8 @@ class _Run:
             start = time.perf_counter()
             metrics["test_bpd"] = evaluate_bpd(
                 network, self.test_images[env.rank::env.world_size].to(env.device), self.schedule,
-                prediction=config.prediction, timesteps=config.elbo_timesteps, seed=config.seed + env.rank,
+                prediction=config.prediction, variance=config.variance, timesteps=config.elbo_timesteps,
+                seed=config.seed + env.rank,
                 distributed=env.distributed, progress=self.progress and env.is_main)
             metrics["test_bpd"]["elbo_timesteps"] = config.elbo_timesteps or config.timesteps
             metrics["elbo_seconds"] = round(time.perf_counter() - start, 1)
@@ -377,7 +393,8 @@ class _Run:
             start = time.perf_counter()
             samples = draw_samples(network, config.num_samples, tuple(self.train_images.shape[1:]), self.schedule,
                                    method=config.sample_method, steps=config.sample_steps, eta=config.eta,
-                                   prediction=config.prediction, seed=config.seed, device=env.device,
+                                   prediction=config.prediction, variance=config.variance, seed=config.seed,
+                                   device=env.device,
                                    progress=self.progress)
             metrics["sample_seconds"] = round(time.perf_counter() - start, 1)
             metrics["sampling"] = {"method": config.sample_method, "steps": config.sample_steps or config.timesteps,
@@ -426,7 +443,7 @@ def build_model(config, image_shape):
         raise ValueError(f"--preset {config.preset} needs image sides divisible by {multiple}; "
                          f"the images are {height}x{width}")
     depths = [int(round(math.log2(preset["image_size"] / r))) for r in preset["attention_resolutions"]]
-    overrides = dict(in_channels=channels, image_size=height,
+    overrides = dict(in_channels=channels, image_size=height, learn_sigma=config.variance == "learned_range",
                      attention_resolutions=tuple(height // 2 ** d for d in depths if d < levels))
     if config.model_channels is not None:
         overrides["model_channels"] = config.model_channels
@@ -447,7 +464,9 @@ def load_checkpoint(path, map_location="cpu"):
                               f"{type(error).__name__}: {reason}") from error
     if not isinstance(state, dict) or state.get("fastddpm_checkpoint") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a fastddpm checkpoint (written by `fastddpm train`)")
-    missing = {"config", "unet_config", "image_shape", "step", "model", "ema", "optimizer", "loss_history", "rng"} - set(state)
+    required = {"config", "unet_config", "image_shape", "step", "model", "ema", "optimizer", "loss_history", "rng",
+                "world_size", "train_seconds", "images_seen", "timestep_sampler"}
+    missing = required - set(state)
     if missing:
         raise CheckpointError(f"{path} lacks {sorted(missing)}: corrupt checkpoint")
     return state
@@ -462,7 +481,7 @@ def model_from_checkpoint(state, *, ema=True, device="cpu"):
     return model.to(device).eval(), make_schedule(config.schedule, config.timesteps), config
 
 
-def draw_samples(model, count, image_shape, schedule, *, method, steps, eta, prediction, seed, device,
+def draw_samples(model, count, image_shape, schedule, *, method, steps, eta, prediction, variance, seed, device,
                  progress=True, batch_size=500):
     """`count` samples in [-1, 1], float32 on the CPU."""
     from .sampling import sample
@@ -473,11 +492,12 @@ def draw_samples(model, count, image_shape, schedule, *, method, steps, eta, pre
         for start in range(0, count, batch_size):
             shape = (min(batch_size, count - start), *image_shape)
             batches.append(sample(model, shape, schedule, method=method, steps=steps, eta=eta, prediction=prediction,
+                                  variance=variance,
                                   clip_denoised=True, generator=generator, progress=progress).float().cpu())
     return torch.cat(batches).clamp(-1, 1)
 
 
-def evaluate_bpd(model, images, schedule, *, prediction, timesteps, seed, distributed=False, progress=True,
+def evaluate_bpd(model, images, schedule, *, prediction, variance, timesteps, seed, distributed=False, progress=True,
                  batch_size=256):
     """Mean negative ELBO in bits/dim of `images` (this rank's share when distributed), averaged over ranks."""
     from .elbo import elbo_bpd
@@ -487,7 +507,7 @@ def evaluate_bpd(model, images, schedule, *, prediction, timesteps, seed, distri
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, prior, decoder (t = 0), count
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size]
-        result = elbo_bpd(model, batch, schedule, prediction=prediction, variance="fixed_small", clip_denoised=True,
+        result = elbo_bpd(model, batch, schedule, prediction=prediction, variance=variance, clip_denoised=True,
                           timesteps=timesteps, progress=progress, generator=generator)
         decoder = result["vb"][:, 0]  # column 0 is t = 0 for the full loop and the K-sample estimate
         sums += torch.stack([result["total_bpd"].double().sum(), result["prior_bpd"].double().sum(),

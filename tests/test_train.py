@@ -100,6 +100,19 @@ def test_resume_continues_exactly(tmp_path, digits_npy, uninterrupted):
     assert_same_state(load_checkpoint(str(out)), uninterrupted)
 
 
+def test_learned_variance_with_importance_sampled_t_resumes_exactly(tmp_path, digits_npy):
+    options = dict(variance="learned_range", timestep_sampler="loss-second-moment", prediction="v", steps=4)
+    quiet_train(tiny_config(tmp_path / "whole", digits_npy, **options))
+    quiet_train(tiny_config(tmp_path / "parts", digits_npy, **{**options, "steps": 2}))
+    metrics = quiet_train(tiny_config(tmp_path / "parts", digits_npy, **options), resume=True)
+    whole, parts = load_checkpoint(str(tmp_path / "whole")), load_checkpoint(str(tmp_path / "parts"))
+    assert whole["unet_config"]["learn_sigma"] and math.isfinite(metrics["test_bpd"]["total_bpd"])
+    assert_same_state(parts, whole)
+    for name, value in whole["timestep_sampler"].items():
+        assert torch.equal(parts["timestep_sampler"][name], value)
+    assert int(whole["timestep_sampler"]["loss_counts"].sum()) == 4 * 8  # every sample's loss recorded
+
+
 def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, digits_npy, uninterrupted, monkeypatch):
     original_step = TrainStep.step
     calls = []
@@ -179,6 +192,10 @@ def test_invalid_settings_are_rejected():
         TrainConfig(prediction="score").validate()
     with pytest.raises(ValueError, match="--sample-steps must lie in"):
         TrainConfig(timesteps=10, sample_steps=20).validate()
+    with pytest.raises(ValueError, match="--variance must be one of"):
+        TrainConfig(variance="learned").validate()
+    with pytest.raises(ValueError, match="cannot run with --compile"):
+        TrainConfig(timestep_sampler="loss-second-moment", compile=True).validate()
     TrainConfig().validate()
 
 
