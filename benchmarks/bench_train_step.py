@@ -161,7 +161,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="steps per timing window (default: 20 on CUDA, 5 on CPU)")
     parser.add_argument("--json", default=None, help="write the result rows to this file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (on a shared machine, 1 keeps OpenMP threads from spinning against others)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_cuda = torch.device(args.device).type == "cuda"
     preset = args.preset or ("ddpm-cifar10" if on_cuda else "tiny")
     batch = args.batch or (128 if on_cuda else 8)

@@ -10,8 +10,8 @@ class TrainStep:
     """Trains `model` with `loss_fn(model, x0, **model_kwargs) -> scalar loss`.
 
     `step(x0, **model_kwargs)` returns the detached loss tensor (call `.item()` only when
-    logging, since it waits for the device). On CUDA the loss runs under bf16 autocast and
-    AdamW is fused; elsewhere AdamW uses foreach kernels. Weights and the EMA stay float32.
+    logging, since it waits for the device). On CUDA the loss runs under bf16 autocast.
+    AdamW is fused on CUDA and CPU. Weights and the EMA stay float32.
 
     Args:
         optimizer: defaults to AdamW(lr, betas, weight_decay) over the model's parameters.
@@ -30,11 +30,14 @@ class TrainStep:
         base.to(memory_format=torch.channels_last)
         device = next(base.parameters()).device
         on_cuda = device.type == "cuda"
+        # Fused AdamW runs on CUDA and, since torch 2.4, on CPU too (3-6x faster there than
+        # foreach, which the CPU runs tensor by tensor); foreach elsewhere.
+        fused = device.type in ("cuda", "cpu")
         self.model = model
         self.loss_fn = loss_fn
         self.params = [p for p in base.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.AdamW(
-            self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=on_cuda, foreach=not on_cuda)
+            self.params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused, foreach=not fused)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ema_decay = ema_decay
         self.grad_clip = grad_clip

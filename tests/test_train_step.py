@@ -64,11 +64,11 @@ def test_step_returns_detached_loss_and_updates_weights(loss_fn):
     assert all(changed)
 
 
-def test_default_optimizer_is_foreach_adamw_on_cpu(loss_fn):
+def test_default_optimizer_is_fused_adamw_on_cpu(loss_fn):
     step = TrainStep(tiny_model(), loss_fn, lr=3e-4)
     assert isinstance(step.optimizer, torch.optim.AdamW)
     group = step.optimizer.param_groups[0]
-    assert group["foreach"] and not group["fused"] and group["lr"] == 3e-4
+    assert group["fused"] and not group["foreach"] and group["lr"] == 3e-4 and group["weight_decay"] == 0
 
 
 def test_model_is_put_in_channels_last(loss_fn):
