@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from conftest import relative_error
+
 from fastddpm import NoiseSchedule
 from fastddpm import reference as R
 
@@ -145,7 +147,8 @@ def test_ddpm_step_matches_diffusers(schedule, prediction, diffusers_name):
     ours = R.p_sample_step(output.double(), x_t.double(), t, schedule, noise=noise.double(), prediction=prediction)
     for b in range(4):
         theirs = _diffusers_ddpm_step(scheduler, output[b:b + 1], int(t[b]), x_t[b:b + 1], noise[b:b + 1])
-        torch.testing.assert_close(ours[b:b + 1].float(), theirs, rtol=1e-4, atol=1e-4)
+        # diffusers runs in float32: its 1 - ab near t = 0 is off by up to 1.7e-4 (relative)
+        assert relative_error(theirs, ours[b:b + 1]) < 2e-4
 
 
 def _diffusers_ddpm_step(scheduler, output, t, x_t, noise):
