@@ -118,7 +118,9 @@ def verify(device=None, shapes=((2, 3, 8, 8), (3, 2, 5, 7), (1, 4, 16, 16)), dty
                         error = (actual.double().cpu() - expected.cpu())
                         max_abs = error.abs().max().item()
                         relative = (error.norm() / expected.norm().clamp(min=1e-300)).item()
-                        ok = relative <= TOLERANCE[dtype] and bool(torch.isfinite(actual).all())
+                        # float16 gradients of tiny losses are subnormal: judge those by absolute error
+                        close = relative <= TOLERANCE[dtype] or max_abs <= torch.finfo(dtype).smallest_normal
+                        ok = close and bool(torch.isfinite(actual).all())
                         ok_all &= ok
                         rows.append((name, str(dtype).replace("torch.", ""), "x".join(map(str, shape)),
                                      f"{max_abs:.2e}", f"{relative:.2e}", f"{TOLERANCE[dtype]:.0e}",
