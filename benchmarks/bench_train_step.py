@@ -159,7 +159,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default=None, help="UNet preset (default: ddpm-cifar10 on CUDA, tiny on CPU)")
     parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timing window (default: 20 on CUDA, 5 on CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per timing window (default: 20 on CUDA, 5 on CPU)")
     parser.add_argument("--json", default=None, help="write the result rows to this file")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (on a shared machine, 1 keeps OpenMP threads from spinning against others)")

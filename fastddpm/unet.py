@@ -242,7 +242,8 @@ class UNet(nn.Module):
             heads = channels // num_head_channels if num_head_channels else num_heads
             return SelfAttention(channels, heads, **norm)
 
-        self.time_embed = TimestepEmbedding(model_channels, embed_dim, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift)
+        self.time_embed = TimestepEmbedding(model_channels, embed_dim, flip_sin_to_cos=flip_sin_to_cos,
+                                            freq_shift=freq_shift)
         self.class_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
 
@@ -260,7 +261,8 @@ class UNet(nn.Module):
             is_last = level == len(channel_mult) - 1
             if not is_last:
                 skip_channels.append(channels)
-            self.down_stages.append(DownStage(resnets, attentions, None if is_last else Downsample(channels, downsample_pad)))
+            downsample = None if is_last else Downsample(channels, downsample_pad)
+            self.down_stages.append(DownStage(resnets, attentions, downsample))
 
         self.mid = MidBlock([resblock(channels, channels), resblock(channels, channels)], attention(channels))
 

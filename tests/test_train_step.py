@@ -125,7 +125,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch(loss_fn):
     probe = torch.Generator().manual_seed(2)
     t = torch.randint(0, 1000, (64,), generator=probe)
     noise = torch.randn(64, 1, 8, 8, generator=probe)
-    x_t = loss_fn.sqrt_ab[t].view(-1, 1, 1, 1) * x0.repeat(16, 1, 1, 1) + loss_fn.sqrt_1m_ab[t].view(-1, 1, 1, 1) * noise
+    x0_repeated = x0.repeat(16, 1, 1, 1)
+    x_t = loss_fn.sqrt_ab[t].view(-1, 1, 1, 1) * x0_repeated + loss_fn.sqrt_1m_ab[t].view(-1, 1, 1, 1) * noise
 
     def probe_loss():
         with torch.no_grad():
