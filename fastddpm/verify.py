@@ -17,7 +17,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
 def _cases(schedule):
-    """(op name, function(inputs) -> (kernel result, float64 reference)) for every kernel."""
+    """(op name, function(shape, dtype) -> (kernel result, float64 reference), dtypes) for every kernel."""
     T = schedule.num_timesteps
 
     def randn(shape, dtype):
@@ -72,6 +72,28 @@ def _cases(schedule):
                 torch.cat([expected.flatten(), expected_grad.flatten()])
         return run
 
+    def hybrid(prediction, loss_type):
+        def run(shape, dtype):
+            x0, noise = randn(shape, dtype).clamp(-1, 1), randn(shape, dtype)
+            t = torch.randint(0, T, (shape[0],))
+            t[0] = 0
+            # a plausible model (eps_hat = eps + 0.3 N(0, 1)) keeps the bound's terms well conditioned
+            x_t = R.q_sample(x0.double(), t, noise.double(), schedule)
+            eps_hat = noise.double() + 0.3 * torch.randn(shape, dtype=torch.float64)
+            x0_hat = R.predict_x0_from_eps(x_t, t, eps_hat, schedule)
+            mean_half = {"eps": eps_hat, "x0": x0_hat, "v": R.v_target(x0_hat, t, eps_hat, schedule)}[prediction]
+            out = torch.cat([mean_half, torch.rand(shape, dtype=torch.float64) * 2 - 1], dim=1)
+            out = out.to(dtype).requires_grad_()
+            options = dict(prediction=prediction, loss=loss_type, reduction="none")
+            value = F.hybrid_loss(out, x0, noise, t, schedule, **options)
+            grad, = torch.autograd.grad(value.sum(), out)
+            out64 = out.detach().double().requires_grad_()
+            expected = R.hybrid_loss(out64, x0.double(), noise.double(), t, schedule, **options)
+            expected_grad, = torch.autograd.grad(expected.sum(), out64)
+            return torch.cat([value.flatten(), grad.flatten().float()]), \
+                torch.cat([expected.flatten(), expected_grad.flatten()])
+        return run
+
     def vb(prediction, variance):
         def run(shape, dtype):
             channels = shape[1] * (2 if variance == "learned_range" else 1)
@@ -98,7 +120,12 @@ def _cases(schedule):
             cases.append((f"diffusion_loss+grad {prediction} {weighting}", loss(prediction, weighting)))
         for variance in ("fixed_small", "learned_range"):
             cases.append((f"vb_terms_bpd {prediction} {variance}", vb(prediction, variance)))
-    return cases
+        for loss_type in ("hybrid", "kl"):
+            # float32 only: the kernel rebuilds x_t rounded to the data's dtype (the x_t the model
+            # saw), which a float64 reference of x0 and noise does not; tests/test_vlb.py covers half types
+            cases.append((f"hybrid_loss+grad {prediction} {loss_type}", hybrid(prediction, loss_type),
+                          (torch.float32,)))
+    return [case if len(case) == 3 else case + (DTYPES,) for case in cases]
 
 
 def verify(device=None, shapes=((2, 3, 8, 8), (3, 2, 5, 7), (1, 4, 16, 16)), dtypes=DTYPES, seed=0, print_fn=print):
@@ -111,8 +138,8 @@ def verify(device=None, shapes=((2, 3, 8, 8), (3, 2, 5, 7), (1, 4, 16, 16)), dty
     rows, ok_all = [], True
     try:
         with torch.device(device):
-            for name, run in _cases(schedule):
-                for dtype in dtypes:
+            for name, run, case_dtypes in _cases(schedule):
+                for dtype in (dtype for dtype in dtypes if dtype in case_dtypes):
                     for shape in shapes:
                         actual, expected = run(shape, dtype)
                         error = (actual.double().cpu() - expected.cpu())
