@@ -19,7 +19,12 @@ def test_a_wrong_kernel_is_reported(monkeypatch):
     from fastddpm import functional
 
     original = functional.q_sample
-    monkeypatch.setattr(verify_module.F, "q_sample", lambda *args, **kwargs: original(*args, **kwargs) * 1.001)
+
+    def wrong_q_sample(*args, **kwargs):
+        result = original(*args, **kwargs)
+        return result * 1.001 if isinstance(result, torch.Tensor) else result
+
+    monkeypatch.setattr(verify_module.F, "q_sample", wrong_q_sample)
     lines = []
     assert not verify_module.verify(shapes=((2, 3, 4, 4),), dtypes=(torch.float32,), print_fn=lines.append)
     assert any(line.startswith("q_sample ") and line.rstrip().endswith("FAIL") for line in lines)
