@@ -8,7 +8,6 @@ The environment variable FASTDDPM_BACKEND sets the starting value.
 import os
 
 BACKENDS = ("auto", "triton", "reference")
-_backend = None
 
 
 def set_backend(name):
@@ -19,9 +18,11 @@ def set_backend(name):
 
 
 def get_backend():
-    if _backend is None:
-        set_backend(os.environ.get("FASTDDPM_BACKEND", "auto"))
     return _backend
+
+
+# Set at import, not on first use: a value that changes after torch.compile traced it recompiles.
+set_backend(os.environ.get("FASTDDPM_BACKEND", "auto"))
 
 
 def use_triton(tensor):

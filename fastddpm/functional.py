@@ -25,7 +25,8 @@ def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=
 
     `noise=None` draws N(0, I) noise (inside the kernel, from a Philox `seed` drawn from
     `generator`, never written to memory unless `return_noise=True`, which returns
-    (x_t, noise)). Pass `seed` (a 1-element int64 tensor) to draw a known stream again.
+    (x_t, noise)). Pass `seed` (a 1-element int64 tensor) to draw a known stream again (Triton
+    backend; the reference draws with `generator`).
     """
     check_schedule(schedule)
     check_float(x0, "x0")
@@ -33,12 +34,10 @@ def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=
     if noise is not None:
         check_like(noise, "noise", x0, "x0")
     check_generator(generator)
-    if seed is not None:
-        seed = _check_seed(seed, x0)
-    if not use_triton(x0):
+    triton_path = use_triton(x0)
+    seed = _check_drawn_seed(seed, noise, x0, triton_path)
+    if not triton_path:
         if noise is None:
-            if seed is not None:  # torch's stream, not the kernel's Philox stream
-                generator = torch.Generator(x0.device).manual_seed(int(seed))
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = reference.q_sample(x0, t, noise, schedule)
         return (x_t, noise) if return_noise else x_t
@@ -89,11 +88,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     _check_noise(noise, generator, x_t)
     triton_path = use_triton(x_t)
-    if seed is not None:
-        if noise is not None or not triton_path:
-            raise ValueError("seed selects the kernels' Philox stream for drawn noise: pass it without noise, "
-                             "on the Triton backend (the reference draws with generator=)")
-        seed = _check_seed(seed, x_t)
+    seed = _check_drawn_seed(seed, noise, x_t, triton_path)
     if triton_path:
         from fastddpm.kernels import posterior
         return posterior.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
@@ -116,11 +111,7 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     _check_noise(noise, generator, x_t)
     triton_path = use_triton(x_t)
-    if seed is not None:
-        if noise is not None or not triton_path:
-            raise ValueError("seed selects the kernels' Philox stream for drawn noise: pass it without noise, "
-                             "on the Triton backend (the reference draws with generator=)")
-        seed = _check_seed(seed, x_t)
+    seed = _check_drawn_seed(seed, noise, x_t, triton_path)
     if triton_path:
         from fastddpm.kernels import posterior
         return posterior.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
@@ -234,6 +225,17 @@ def _check_noise(noise, generator, x_t):
     check_generator(generator)
     if noise is not None:
         check_like(noise, "noise", x_t, "x_t")
+
+
+def _check_drawn_seed(seed, noise, like, triton_path):
+    """`seed` picks the kernels' Philox stream for noise they draw: only without noise, on the kernels."""
+    if seed is None:
+        return None
+    seed = _check_seed(seed, like)
+    if noise is not None or not triton_path:
+        raise ValueError("seed selects the kernels' Philox stream for drawn noise: pass it without noise, "
+                         "on the Triton backend (the reference draws with generator=)")
+    return seed
 
 
 def _check_seed(seed, like):

@@ -37,7 +37,7 @@ class NoiseSchedule:
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.betas = betas
-        self.num_timesteps = T = betas.numel()
+        self.num_timesteps = betas.numel()
         self.alphas = 1.0 - betas
         self.alphas_cumprod = ab = torch.cumprod(self.alphas, 0)
         self.alphas_cumprod_prev = ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
@@ -59,7 +59,9 @@ class NoiseSchedule:
         self.fixed_large_log_variance = self.fixed_large_variance.log()
         self._kernel_tables = {}
         self._weight_tables = {}
-        del T
+        # Filled now rather than inside a compiled step, where a new cache entry forces a recompile.
+        for device in default_devices():
+            self.kernel_table(device)
 
     # -- constructors -------------------------------------------------------------------
 
@@ -186,6 +188,14 @@ class NoiseSchedule:
 
     def __repr__(self):
         return f"NoiseSchedule(T={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, beta[-1]={self.betas[-1].item():.3g})"
+
+
+def default_devices():
+    """The CPU and, where CUDA is available, the current GPU: where tables are built up front."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    return devices
 
 
 def _steps(T):

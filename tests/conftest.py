@@ -9,6 +9,10 @@ import torch  # noqa: E402
 import fastddpm  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: tests that run torch.compile with Inductor (slow on CPU)")
+
+
 @pytest.fixture
 def triton_backend():
     """Run the ops on the Triton kernels (the interpreter on CPU), then restore the backend."""
