@@ -207,3 +207,14 @@ def test_compiles_for_gpus_with_vector_accesses():
             loads.append((1 if draw else 2) * per_tensor)
             stores.append((2 if store else 1) * per_tensor)
     assert_fast_ptx(specs, loads, stores)
+
+
+def test_launch_limits_are_clear_errors():
+    from fastddpm.kernels._common import launch_config
+
+    with pytest.raises(ValueError, match="batch size 70000 exceeds 65535"):
+        launch_config(torch.empty(70000, 3, device="meta"))
+    with pytest.raises(ValueError, match="elements per sample"):
+        launch_config(torch.empty(1, 2 ** 31, device="meta"))
+    grid, block, _ = launch_config(torch.empty(65535, 3, 9, device="meta"))
+    assert grid == (1, 65535) and block == 128
