@@ -32,7 +32,7 @@ from fastddpm import reference
 from fastddpm._checks import draw_seed
 from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import channel_sizes, kernel_layout, like_layout, sample_offsets, standard_normal
+from ._common import channel_sizes, kernel_layout, launch_config, like_layout, sample_offsets, standard_normal
 
 SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
 SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
@@ -194,11 +194,8 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
 
 
 def step_launch_config(x):
-    """Grid (cdiv(D, BLOCK), B), BLOCK and num_warps: at most 1024 elements over 4 warps, still 8
-    elements (16-byte accesses) a thread; ptxas spills a few bytes of these kernels at 2048 over 8."""
-    per_sample = x[0].numel()
-    block = min(1024, max(128, triton.next_power_of_2(per_sample)))
-    return (triton.cdiv(per_sample, block), x.shape[0]), block, 4
+    """At most 1024 elements over 4 warps: ptxas spills a few bytes of these kernels at 2048 over 8."""
+    return launch_config(x, max_block=1024)
 
 
 def _empty(like, wanted, dtype=None):
