@@ -20,10 +20,6 @@ the noise: 5N) and the bandwidth they imply.
     python -m fastddpm.benchmarks.bench_elbo            # CPU: small sizes, under a minute
     python -m fastddpm.benchmarks.bench_elbo --full     # the sizes below (GPU)
 """
-import argparse
-import csv
-import datetime
-import statistics
 import time
 
 import torch
@@ -33,12 +29,12 @@ from fastddpm import NoiseSchedule
 from fastddpm import elbo as elbo_module
 from fastddpm.kernels import vlb
 
+from . import harness
+
 FULL_SIZES = ((128, 3, 32, 32), (32, 3, 256, 256), (64, 4, 64, 64))
 CPU_SIZES = ((16, 3, 32, 32),)
 DTYPES = (torch.float32, torch.bfloat16)
 PROVIDERS = ("fastddpm", "eager", "compile")
-FIELDS = ("op", "provider", "mode", "metric", "unit", "shape", "dtype", "p50", "p20", "p80", "device", "torch",
-          "triton", "time")
 
 
 def step_inputs(size, dtype, device, schedule, generator):
@@ -73,33 +69,6 @@ def floor_bytes(x0):
     return 5 * x0.numel() * x0.element_size()
 
 
-def time_cpu(steps, reps, warmup=2):
-    """{provider: (p50, p20, p80) ms}, the providers interleaved so that machine noise hits them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
-    return {name: [1e3 * q for q in quantiles(values)] for name, values in samples.items()}
-
-
-def time_cuda(steps):
-    import triton.testing
-    return {name: triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8]) for name, step in steps.items()}
-
-
-def quantiles(values):
-    """(p50, p20, p80)."""
-    if len(values) == 1:
-        return values * 3
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), deciles[1], deciles[7]
-
-
 def full_loop(model, x0, schedule, backend):
     """One `elbo_bpd` over every t on `backend`."""
     def loop():
@@ -116,9 +85,9 @@ def full_loop(model, x0, schedule, backend):
 
 def run(sizes=None, dtypes=DTYPES, device=None, providers=PROVIDERS, reps=None, loop_steps=None, loop_batch=None,
         loop=True):
-    """Long-format rows (see FIELDS): the vb step for every size, dtype and provider, and (with
+    """Long-format rows (see harness.FIELDS): the vb step for every size, dtype and provider, and (with
     `loop`) the full loop of the first size, `loop_batch` images, a `loop_steps`-step schedule."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = harness.resolve_device(device)
     on_cuda = device.type == "cuda"
     sizes = sizes or (FULL_SIZES if on_cuda else CPU_SIZES)
     reps = reps or (100 if on_cuda else 10)
@@ -126,9 +95,7 @@ def run(sizes=None, dtypes=DTYPES, device=None, providers=PROVIDERS, reps=None, 
     loop_batch = loop_batch or (sizes[0][0] if on_cuda else min(4, sizes[0][0]))
     schedule = NoiseSchedule.linear(1000)
     generator = torch.Generator(device).manual_seed(0)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    base = dict(device=torch.cuda.get_device_name(device) if on_cuda else "cpu", torch=torch.__version__,
-                triton=_triton_version(), time=now)
+    base = harness.environment(device)
     rows = []
     for dtype in dtypes:
         for size in sizes:
@@ -136,17 +103,10 @@ def run(sizes=None, dtypes=DTYPES, device=None, providers=PROVIDERS, reps=None, 
             paths = step_paths(schedule)
             steps = {name: (lambda path=paths[name]: path(output, x0, x_t, noise, t)) for name in providers}
             with torch.no_grad():
-                times = time_cuda(steps) if on_cuda else time_cpu(steps, reps)
-            where = dict(base, op="vb_terms_step", mode="forward", shape="x".join(map(str, size)),
-                         dtype=str(dtype).removeprefix("torch."))
-            moved = floor_bytes(x0)
+                times = harness.time_cuda(steps) if on_cuda else harness.time_cpu(steps, reps, warmup=2)
+            where = dict(base, op="vb_terms_step", mode="forward", **harness.case_fields(size, dtype))
             for name in steps:
-                ms = times[name]
-                rows.append(dict(where, provider=name, metric="time", unit="ms", **_quantile_fields(ms)))
-                rows.append(dict(where, provider=name, metric="bytes", unit="B", p50=moved, p20=moved, p80=moved))
-                # slower time, lower bandwidth: p20 of time gives p80 of bandwidth
-                gbs = [moved / (1e6 * value) for value in (ms[0], ms[2], ms[1])]
-                rows.append(dict(where, provider=name, metric="bandwidth", unit="GB/s", **_quantile_fields(gbs)))
+                rows += harness.case_rows(where, name, times[name], floor_bytes(x0))
     if loop:
         rows += run_full_loop(sizes[0], dtypes[0], device, loop_steps, loop_batch, base, on_cuda)
     return rows
@@ -175,67 +135,27 @@ def run_full_loop(size, dtype, device, steps, batch, base, on_cuda):
                 if on_cuda:
                     torch.cuda.synchronize(device)
                 samples.append(1e3 * (time.perf_counter() - start))
-            times[name] = quantiles(samples)
+            times[name] = harness.quantiles(samples)
     rows = []
     where = dict(base, mode="forward", shape=f"{batch}x{'x'.join(map(str, size[1:]))}xT{steps}",
                  dtype=str(dtype).removeprefix("torch."))
     for name, ms in times.items():
-        rows.append(dict(where, op="elbo_full_loop", provider=name, metric="time", unit="ms", **_quantile_fields(ms)))
+        rows.append(dict(where, op="elbo_full_loop", provider=name, metric="time", unit="ms",
+                         **harness.quantile_fields(ms)))
         rows.append(dict(where, op="elbo_per_step", provider=name, metric="time", unit="ms",
-                         **_quantile_fields([value / steps for value in ms])))
+                         **harness.quantile_fields([value / steps for value in ms])))
     return rows
 
 
-def _quantile_fields(values):
-    return dict(zip(("p50", "p20", "p80"), values))
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return ""
-
-
-def summary(rows):
-    """One line per case: p50 times and each provider's speed-up over eager."""
-    times = {}
-    for row in rows:
-        if row["metric"] == "time":
-            times.setdefault((row["op"], row["shape"], row["dtype"]), {})[row["provider"]] = row["p50"]
-    lines = []
-    for (op, shape, dtype), by_provider in times.items():
-        eager = by_provider.get("eager")
-        cells = [f"{name} {ms:.3f} ms" + (f" ({eager / ms:.2f}x)" if eager else "") for name, ms in by_provider.items()]
-        lines.append(f"{op:15} {shape:18} {dtype:9} " + ", ".join(cells))
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--full", action="store_true", help=f"the full sizes {FULL_SIZES} (default on CUDA)")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--reps", type=int, default=None)
+    parser = harness.parser(__doc__.split("\n")[0], FULL_SIZES)
     parser.add_argument("--loop-steps", type=int, default=None, help="T of the full loop (default: 1000, CPU 20)")
     parser.add_argument("--no-loop", action="store_true", help="time only the vb step")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="CSV file for the long-format rows")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(sizes=FULL_SIZES if args.full else None, dtypes=[getattr(torch, d) for d in args.dtypes.split(",")],
-               device=args.device, reps=args.reps, loop_steps=args.loop_steps, loop=not args.no_loop)
-    if rows[0]["device"] == "cpu":
-        print(f"CPU ({torch.get_num_threads()} threads): fastddpm runs its PyTorch path (backend 'auto'), "
-              "not the Triton kernels")
-    print(summary(rows))
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    dtypes = harness.setup(args)
+    rows = run(sizes=FULL_SIZES if args.full else None, dtypes=dtypes, device=args.device, reps=args.reps,
+               loop_steps=args.loop_steps, loop=not args.no_loop)
+    harness.report(rows, args.out)
     return rows
 
 

@@ -19,23 +19,17 @@ repeats), the bytes of the traffic floor (math.md section 7: read x_t and eps, w
     python -m fastddpm.benchmarks.bench_sampling            # CPU: small sizes, under a minute
     python -m fastddpm.benchmarks.bench_sampling --full     # 256x3x32x32 and 16x3x256x256 (GPU)
 """
-import argparse
-import csv
-import datetime
-import statistics
-import time
-
 import torch
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 
+from . import harness
+
 FULL_SIZES = ((256, 3, 32, 32), (16, 3, 256, 256))
 CPU_SIZES = ((32, 3, 32, 32), (2, 3, 128, 128))
 DTYPES = (torch.float32, torch.bfloat16)
 PROVIDERS = ("fastddpm", "eager", "compile")
-FIELDS = ("op", "provider", "mode", "metric", "unit", "shape", "dtype", "p50", "p20", "p80", "device", "torch",
-          "triton", "time")
 TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
           "posterior_mean_coef2", "posterior_variance", "posterior_log_variance_clipped")
 
@@ -91,30 +85,14 @@ def floor_bytes(x):
     return 3 * x.numel() * x.element_size()
 
 
-def time_cpu(steps, reps, warmup=3):
-    """{provider: [p50, p20, p80] ms}, the providers interleaved so that machine noise hits them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
-    return {name: [1e3 * q for q in _quantiles(values)] for name, values in samples.items()}
-
-
 def run(sizes=None, dtypes=DTYPES, device=None, providers=PROVIDERS, reps=None):
-    """Long-format rows (see FIELDS) for every size, dtype and provider."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Long-format rows (see harness.FIELDS) for every size, dtype and provider."""
+    device = harness.resolve_device(device)
     on_cuda = device.type == "cuda"
     sizes = sizes or (FULL_SIZES if on_cuda else CPU_SIZES)
     reps = reps or (100 if on_cuda else 30)
     schedule = NoiseSchedule.linear(1000)
-    base = dict(op="p_sample_step", mode="forward", device=torch.cuda.get_device_name(device) if on_cuda else "cpu",
-                torch=torch.__version__, triton=_triton_version(),
-                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    base = dict(op="p_sample_step", mode="forward", **harness.environment(device))
     rows = []
     for dtype in dtypes:
         for size in sizes:
@@ -123,23 +101,11 @@ def run(sizes=None, dtypes=DTYPES, device=None, providers=PROVIDERS, reps=None):
             t = torch.randint(1, 1000, (size[0],), device=device)
             fns = step_providers(schedule, device, providers)
             steps = {name: _bind(fn, model_output, x, t) for name, fn in fns.items()}
-            if on_cuda:
-                import triton.testing
-                times = {name: triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8]) for name, step in steps.items()}
-            else:
-                times = time_cpu(steps, reps)
-            where = dict(base, shape="x".join(map(str, size)), dtype=str(dtype).removeprefix("torch."))
-            moved = floor_bytes(x)
+            times = harness.time_cuda(steps) if on_cuda else harness.time_cpu(steps, reps)
+            where = dict(base, **harness.case_fields(size, dtype))
             for name, step in steps.items():
-                ms = times[name]
-                rows.append(dict(where, provider=name, metric="time", unit="ms", **_quantile_fields(ms)))
-                rows.append(dict(where, provider=name, metric="bytes", unit="B", p50=moved, p20=moved, p80=moved))
-                # slower time, lower bandwidth: p20 of time gives p80 of bandwidth
-                gbs = [moved / (1e6 * value) for value in (ms[0], ms[2], ms[1])]
-                rows.append(dict(where, provider=name, metric="bandwidth", unit="GB/s", **_quantile_fields(gbs)))
-                if on_cuda:
-                    rows.append(dict(where, provider=name, metric="peak_memory", unit="MB",
-                                     **_quantile_fields([_peak_mb(step, device)] * 3)))
+                rows += harness.case_rows(where, name, times[name], floor_bytes(x),
+                                          harness.peak_mb(step, device) if on_cuda else None)
     return rows
 
 
@@ -149,70 +115,14 @@ def _bind(fn, model_output, x, t):
     return step
 
 
-def _quantiles(values):
-    """(p50, p20, p80)."""
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), deciles[1], deciles[7]
-
-
-def _quantile_fields(values):
-    return dict(zip(("p50", "p20", "p80"), values))
-
-
-def _peak_mb(step, device):
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return ""
-
-
-def summary(rows):
-    """One line per case: p50 times and each provider's speed-up over eager."""
-    times = {}
-    for row in rows:
-        if row["metric"] == "time":
-            times.setdefault((row["op"], row["shape"], row["dtype"]), {})[row["provider"]] = row["p50"]
-    lines = []
-    for (op, shape, dtype), by_provider in times.items():
-        eager = by_provider.get("eager")
-        cells = [f"{name} {ms:.3f} ms" + (f" ({eager / ms:.2f}x)" if eager else "") for name, ms in by_provider.items()]
-        lines.append(f"{op:14} {shape:14} {dtype:9} " + ", ".join(cells))
-    return "\n".join(lines)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--full", action="store_true", help=f"the full sizes {FULL_SIZES} (default on CUDA)")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser = harness.parser(__doc__.split("\n")[0], FULL_SIZES)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="CSV file for the long-format rows")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(sizes=FULL_SIZES if args.full else None, dtypes=[getattr(torch, d) for d in args.dtypes.split(",")],
-               device=args.device, providers=tuple(args.providers.split(",")), reps=args.reps)
-    if rows[0]["device"] == "cpu":
-        print(f"CPU ({torch.get_num_threads()} threads): fastddpm runs its PyTorch path (backend 'auto'), "
-              "not the Triton kernels")
-    print(summary(rows))
-    if args.out:
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    dtypes = harness.setup(args)
+    rows = run(sizes=FULL_SIZES if args.full else None, dtypes=dtypes, device=args.device,
+               providers=tuple(args.providers.split(",")), reps=args.reps)
+    harness.report(rows, args.out)
     return rows
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastddpm import NoiseSchedule
-from fastddpm.benchmarks.bench_loss import FIELDS, PROVIDERS, WEIGHTINGS, loss_paths, make_step, run
+from fastddpm.benchmarks.bench_loss import PROVIDERS, WEIGHTINGS, loss_paths, make_step, run
+from fastddpm.benchmarks.harness import FIELDS
 
 SIZE = (8, 3, 32, 32)
 SCHEDULE = NoiseSchedule.linear(1000)

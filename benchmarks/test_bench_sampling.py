@@ -9,7 +9,8 @@ import torch
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
-from fastddpm.benchmarks.bench_sampling import FIELDS, PROVIDERS, improved_diffusion_p_sample, run, step_providers
+from fastddpm.benchmarks.bench_sampling import PROVIDERS, improved_diffusion_p_sample, run, step_providers
+from fastddpm.benchmarks.harness import FIELDS
 
 SIZE = (8, 3, 32, 32)
 SCHEDULE = NoiseSchedule.linear(1000)

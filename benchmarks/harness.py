@@ -1,0 +1,162 @@
+"""What the benchmark scripts share: timing (CPU and CUDA), the long-format rows, the summary,
+the command line and the CSV.
+
+A benchmark times a dict {provider: step}, each step a no-argument callable, for every case
+(op, shape, dtype) and turns the times into rows of FIELDS: one row per provider and metric
+(time in ms, the bytes of the traffic floor, the bandwidth they imply, peak memory on CUDA),
+each with its median and 20th / 80th percentiles.
+"""
+import argparse
+import csv
+import datetime
+import random
+import statistics
+import time
+
+import torch
+
+FIELDS = ("op", "provider", "mode", "metric", "unit", "shape", "dtype", "p50", "p20", "p80", "device", "torch",
+          "triton", "time")
+
+
+def resolve_device(device):
+    """`device` as a torch.device; None: CUDA if available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def environment(device):
+    """The fields every row of a run shares: device name, torch and triton versions, start time."""
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=triton_version(),
+                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def case_fields(size, dtype):
+    """shape and dtype as the rows spell them: "32x3x32x32", "bfloat16"."""
+    return dict(shape="x".join(map(str, size)), dtype=str(dtype).removeprefix("torch."))
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return ""
+
+
+def quantiles(values):
+    """(p50, p20, p80) of the samples (a single sample for all three)."""
+    if len(values) == 1:
+        return tuple(values) * 3
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), deciles[1], deciles[7]
+
+
+def quantile_fields(values):
+    """(p50, p20, p80) as row fields."""
+    return dict(zip(("p50", "p20", "p80"), values))
+
+
+def time_cpu(steps, reps, *, warmup=3, clock=time.perf_counter):
+    """{provider: [p50, p20, p80] in ms} over `reps` repeats measured with `clock`, the providers
+    interleaved in a new order every repeat, so that load on the machine and the caches each
+    leaves behind hit them alike. `clock=time.process_time` counts the process's CPU time,
+    which other processes do not inflate (all threads together: use it single-threaded)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
+            start = clock()
+            steps[name]()
+            samples[name].append(clock() - start)
+    return {name: [1e3 * q for q in quantiles(values)] for name, values in samples.items()}
+
+
+def time_cuda(steps, grad_to_none=None):
+    """{provider: [p50, p20, p80] in ms} by triton.testing.do_bench (gradients of
+    `grad_to_none` reset before every run)."""
+    import triton.testing
+    return {name: triton.testing.do_bench(step, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
+            for name, step in steps.items()}
+
+
+def peak_mb(step, device):
+    """CUDA memory one run of `step` allocates at its peak beyond what was allocated before, in MiB."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def case_rows(where, provider, ms, moved, peak=None):
+    """The rows of one provider in one case: time (`ms`, its quantiles), the floor's bytes
+    (`moved`), the bandwidth that floor implies, and peak memory (MiB) where `peak` is given."""
+    where = dict(where, provider=provider)
+    rows = [dict(where, metric="time", unit="ms", **quantile_fields(ms)),
+            dict(where, metric="bytes", unit="B", p50=moved, p20=moved, p80=moved),
+            # slower time, lower bandwidth: p20 of time gives p80 of bandwidth
+            dict(where, metric="bandwidth", unit="GB/s",
+                 **quantile_fields([moved / (1e6 * value) for value in (ms[0], ms[2], ms[1])]))]
+    if peak is not None:
+        rows.append(dict(where, metric="peak_memory", unit="MB", **quantile_fields([peak] * 3)))
+    return rows
+
+
+def summary(rows):
+    """One line per case: p50 times and each provider's speed-up over eager."""
+    times = {}
+    for row in rows:
+        if row["metric"] == "time":
+            times.setdefault((row["op"], row["shape"], row["dtype"]), {})[row["provider"]] = row["p50"]
+    op_width = max((len(op) for op, _, _ in times), default=0)
+    shape_width = max((len(shape) for _, shape, _ in times), default=0)
+    lines = []
+    for (op, shape, dtype), by_provider in times.items():
+        eager = by_provider.get("eager")
+        cells = [f"{name} {ms:.3f} ms" + (f" ({eager / ms:.2f}x)" if eager else "") for name, ms in by_provider.items()]
+        lines.append(f"{op:{op_width}} {shape:{shape_width}} {dtype:9} " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def parser(description, full_sizes, threads=None):
+    """The flags every benchmark takes: --device, --full, --dtypes, --reps, --threads (default
+    `threads`; None: torch's) and --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--full", action="store_true", help=f"the full sizes {full_sizes} (default on CUDA)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"CPU threads (default {threads})" if threads else "CPU threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="CSV file for the long-format rows")
+    return parser
+
+
+def setup(args):
+    """Applies --threads; returns the dtypes of --dtypes."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return [getattr(torch, name) for name in args.dtypes.split(",")]
+
+
+def report(rows, out=None):
+    """Prints the summary (with a note on what runs on CPU) and writes the rows to CSV `out`."""
+    if rows and rows[0]["device"] == "cpu":
+        print(f"CPU ({torch.get_num_threads()} threads): fastddpm runs its PyTorch path (backend 'auto'), "
+              "not the Triton kernels")
+    print(summary(rows))
+    if out:
+        write_csv(rows, out)
+
+
+def write_csv(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
