@@ -98,7 +98,7 @@ def _build_parser():
 
     sample = commands.add_parser("sample", help="a grid of samples from a checkpoint")
     sample.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    sample.add_argument("--method", choices=SAMPLE_METHODS, default="ddim")
+    sample.add_argument("--method", choices=SAMPLE_METHODS, default="ddpm", help="default: ddpm (ancestral)")
     sample.add_argument("--steps", type=_optional_int, default=100, help="sampler steps ('none': all T; default 100)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     sample.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
