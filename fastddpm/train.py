@@ -58,7 +58,7 @@ class TrainConfig:
     gamma: float = 5.0
     variance: str = "fixed_small"  # "learned_range": a 2C-channel model trained on the hybrid loss
     timestep_sampler: str = "uniform"
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 128  # the global batch, split across processes
     lr: float = 1e-3
     warmup: int = 200
