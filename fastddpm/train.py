@@ -402,7 +402,7 @@ class _Run:
             save_grid(samples, os.path.join(config.out, "samples.png"))
             save_loss_curve(self.loss_history, os.path.join(config.out, "loss.png"))
             metrics["nearest_neighbour"] = nearest_neighbour_stats(samples, self.train_images, self.test_images)
-            if config.data == "digits":
+            if config.data == "digits" and self.test_images.shape[0] > 0:
                 metrics["recognisability"] = digit_recognisability(
                     samples, self.train_images, self.train_labels, self.test_images, self.test_labels)
                 rec = metrics["recognisability"]
@@ -574,13 +574,14 @@ def nearest_distances(images, reference):
     return torch.cdist(images.flatten(1).double(), reference).min(1).values / math.sqrt(reference.shape[1])
 
 
-def nearest_neighbour_stats(samples, train_images, test_images):
+def nearest_neighbour_stats(samples, train_images, test_images, limit=10000):
     """How far samples lie from the training set, next to how far real held-out images lie.
 
     Samples as close to their nearest training image as real test images are lie on the data's
     manifold; a large fraction of near copies (closer than half the test images' median
-    distance) warns of memorisation.
+    distance) warns of memorisation. Large data sets: the first `limit` images of each split.
     """
+    train_images, test_images = train_images[:limit], test_images[:max(1, limit // 10)]
     sample_distance = nearest_distances(samples, train_images)
     stats = {"samples_mean_rms_distance": round(sample_distance.mean().item(), 4)}
     if test_images.shape[0] > 0:
