@@ -61,7 +61,7 @@ def _add_train_arguments(parser):
         "eta": "DDIM eta (0: deterministic)",
         "elbo_timesteps": "timesteps K of the test bits/dim estimate ('none': every t, slow)",
         "device": "cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
-        "threads": "CPU threads per process (default: the cores divided among the processes)",
+        "threads": "CPU threads per process (default: the cores but one, divided among the processes)",
     }
     choices = {"preset": None, "schedule": SCHEDULES, "sample_method": SAMPLE_METHODS, "variance": VARIANCES,
                "timestep_sampler": TIMESTEP_SAMPLERS,
