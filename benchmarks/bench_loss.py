@@ -6,7 +6,7 @@ The model is left out: `pred` is a fresh tensor requiring grad, standing in for 
 - fastddpm: `DiffusionLoss.noise` + `DiffusionLoss.loss`, as users call them. On CUDA the
   fused kernels (noise drawn in q-sample and regenerated in the loss, gradient written in the
   forward pass); on CPU, under backend "auto", the PyTorch path users get there
-  (`functional.q_sample`'s reference and `loss.eager_diffusion_loss`), not the kernels.
+  (`loss.eager_q_sample` and `loss.eager_diffusion_loss`), not the kernels.
 - eager: diffusers' training scripts: `randn_like`, `DDPMScheduler.add_noise`'s formula (in the
   input dtype), `F.mse_loss(pred.float(), noise.float())`; for min_snr the per-sample form of
   diffusers' train_text_to_image.py (`compute_snr`, `min(snr, gamma) / snr`).
@@ -63,12 +63,18 @@ def eager_loss_path(x0, pred, alphas_cumprod, weighting):
     noise = torch.randn_like(x0)
     t = torch.randint(0, alphas_cumprod.numel(), (x0.shape[0],), device=x0.device)
     x_t = add_noise(x0, noise, t, alphas_cumprod)
+    return eager_loss(pred, noise, t, alphas_cumprod, weighting), x_t
+
+
+def eager_loss(pred, noise, t, alphas_cumprod, weighting):
+    """diffusers' loss of an eps prediction: the MSE, or for min_snr the per-sample form of
+    train_text_to_image.py."""
     if weighting == "simple":
-        return F.mse_loss(pred.float(), noise.float(), reduction="mean"), x_t
+        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
     snr = compute_snr(alphas_cumprod, t)
     weights = torch.stack([snr, MIN_SNR_GAMMA * torch.ones_like(t)], dim=1).min(dim=1)[0] / snr
     loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean(), x_t
+    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
 
 
 def loss_paths(schedule, weighting):

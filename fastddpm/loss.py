@@ -2,20 +2,27 @@
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import functional, reference
-from ._checks import check_choice, check_float, check_generator, check_schedule, draw_seed
+from ._checks import check_choice, check_float, check_generator, check_like, check_schedule, draw_seed
 from .backend import use_triton
 from .elbo import LossSecondMomentSampler
 from .functional import REDUCTIONS, VARIANCES
-from .schedule import PREDICTIONS, WEIGHTINGS
+from .schedule import KERNEL_ROWS, PREDICTIONS, WEIGHTINGS
+
+SQRT_AB_ROW = KERNEL_ROWS.index("sqrt_alphas_cumprod")
+SQRT_1M_AB_ROW = KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# ATen's reduction codes. The loss calls aten::mse_loss itself: F.mse_loss's broadcast_tensors
+# adds an op and two autograd views per call for shapes the callers have already matched.
+NO_REDUCTION, MEAN_REDUCTION = 0, 1
 
 
 class NoiseState(NamedTuple):
     """What `DiffusionLoss.loss` needs of the noising step: t, and the noise's seed (triton
-    backend: the loss kernel regenerates the noise) or the noise itself (reference backend)."""
+    backend: the loss kernel regenerates the noise) or the noise itself (reference backend;
+    drawn in x0's dtype, held in float32 for half inputs)."""
     t: torch.Tensor
     seed: torch.Tensor | None
     noise: torch.Tensor | None
@@ -111,8 +118,13 @@ class DiffusionLoss(nn.Module):
             seed = draw_seed(x0.device, generator)
             x_t = functional.q_sample(x0, t, None, self.schedule, seed=seed)
             return x_t, t, NoiseState(t, seed, None, weights)
-        x_t, noise = functional.q_sample(x0, t, None, self.schedule, generator=generator, return_noise=True)
-        return x_t, t, NoiseState(t, None, noise, weights)
+        # The noise functional.q_sample draws (in x0's dtype), kept in the compute dtype where
+        # q-sample and the loss both read it (half inputs: one cast, not two). t is valid by
+        # construction: not checked again.
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if x0.dtype in HALF_DTYPES:
+            noise = noise.float()
+        return eager_q_sample(x0, t, noise, self.schedule), t, NoiseState(t, None, noise, weights)
 
     def loss(self, model_output, x0, state):
         """The loss of `model_output` for the x_t that `noise(x0)` returned with `state`."""
@@ -120,13 +132,20 @@ class DiffusionLoss(nn.Module):
             raise TypeError(f"state must be the NoiseState returned by DiffusionLoss.noise, got {type(state).__name__}")
         weighted = state.importance_weights is not None
         reduction = "none" if weighted else self.reduction
-        options = dict(prediction=self.prediction, weighting=self.weighting, gamma=self.gamma, reduction=reduction,
-                       seed=state.seed)
-        if self.bound_loss is None:
-            losses = functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options)
+        options = dict(prediction=self.prediction, weighting=self.weighting, gamma=self.gamma, reduction=reduction)
+        if self.bound_loss is None and state.noise is not None and not use_triton(state.noise):
+            # t and the noise come from `noise` (valid by construction): check only what the caller gives here
+            check_float(x0, "x0")
+            check_like(model_output, "model_output", x0, "x0")
+            check_like(state.noise, "state.noise", x0, "x0")
+            losses = eager_diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options)
+        elif self.bound_loss is None:
+            losses = functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options,
+                                               seed=state.seed)
         else:
             losses = functional.hybrid_loss(model_output, x0, state.noise, state.t, self.schedule, **options,
-                                            vlb_weight=self.vlb_weight, loss=self.bound_loss, variance=self.variance)
+                                            seed=state.seed, vlb_weight=self.vlb_weight, loss=self.bound_loss,
+                                            variance=self.variance)
         if not weighted:
             return losses
         self.timestep_sampler.update(state.t, losses.detach())
@@ -142,19 +161,51 @@ class DiffusionLoss(nn.Module):
 def eager_diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
                          reduction="mean"):
     """`reference.diffusion_loss` through PyTorch's fused MSE kernels: the CPU path of
-    `functional.diffusion_loss`, with the memory passes of the eager peers (plain
-    `F.mse_loss` for one weight for all; for per-sample weights, diffusers' min-SNR form
-    `mse_loss(reduction="none")` then the per-sample mean) and no per-call weight table.
-    Same dtypes as the reference: float64 math and loss for float64 inputs, else float32.
+    `functional.diffusion_loss`, with the memory passes of the eager peers (the mean MSE for
+    one weight for all; for per-sample weights, diffusers' min-SNR form, the MSE without
+    reduction then the per-sample mean) and coefficients and weights gathered from the
+    schedule's cached float32 tables. No argument checks: the callers validate (same shapes
+    and device). Same dtypes as the reference: float64 math and loss for float64 inputs, else float32.
     """
-    target = reference.training_target(x0, t, noise, schedule, prediction)
-    pred = model_output.to(target.dtype)
+    target = _training_target(x0, t, noise, schedule, prediction)
+    pred = model_output if model_output.dtype == target.dtype else model_output.to(target.dtype)
     if isinstance(weighting, str) and weighting == "simple" and reduction != "none":
-        loss = F.mse_loss(pred, target)  # the mean over the batch of per-sample means
+        loss = torch.ops.aten.mse_loss(pred, target, MEAN_REDUCTION)  # the mean of the per-sample means
         return loss * x0.shape[0] if reduction == "sum" else loss
     if target.dtype == torch.float64:
         weights = schedule.loss_weights(weighting, prediction, gamma).to(t.device)
     else:
         weights = schedule.loss_weight_table(weighting, prediction, gamma, t.device)
-    per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
-    return reference.reduce_per_sample(weights[t] * per_sample, reduction)
+    per_sample = torch.ops.aten.mse_loss(pred, target, NO_REDUCTION).flatten(1).mean(1)
+    return reference.reduce_per_sample(weights.index_select(0, t) * per_sample, reduction)
+
+
+def eager_q_sample(x0, t, noise, schedule):
+    """`reference.q_sample` (x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] noise) for valid t, with the
+    coefficients of the cached float32 kernel table (float64 tables for float64 inputs) and
+    one temporary: x_t is built in place in the scaled x0 (plus the casts of half inputs).
+    Fastest with the noise already in the compute dtype (float32 for half inputs)."""
+    sqrt_ab, sqrt_1m_ab = _forward_coefficients(x0, t, schedule)
+    if x0.dtype == sqrt_ab.dtype:
+        return (x0 * sqrt_ab).addcmul_(noise, sqrt_1m_ab)
+    return x0.to(sqrt_ab.dtype).mul_(sqrt_ab).addcmul_(noise, sqrt_1m_ab).to(x0.dtype)
+
+
+def _forward_coefficients(x0, t, schedule):
+    """(sqrt_ab[t], sqrt_1m_ab[t]) as (B, 1, …, 1) tensors in x0's compute dtype."""
+    if x0.dtype == torch.float64:
+        return (reference.gather(schedule.sqrt_alphas_cumprod, t, x0),
+                reference.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0))
+    rows = schedule.kernel_table(x0.device).index_select(1, t).view(len(KERNEL_ROWS), -1, *([1] * (x0.ndim - 1)))
+    return rows[SQRT_AB_ROW], rows[SQRT_1M_AB_ROW]
+
+
+def _training_target(x0, t, noise, schedule, prediction):
+    """`reference.training_target`: eps, x0 or v = sqrt_ab eps - sqrt_1m_ab x0, in the compute dtype."""
+    compute = reference.compute_dtype(x0)
+    if prediction == "eps":
+        return noise if noise.dtype == compute else noise.to(compute)
+    if prediction == "x0":
+        return x0.to(compute)
+    sqrt_ab, sqrt_1m_ab = _forward_coefficients(x0, t, schedule)
+    return sqrt_ab * noise.to(compute) - sqrt_1m_ab * x0.to(compute)
