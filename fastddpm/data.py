@@ -137,10 +137,12 @@ class BatchSampler:
 
     Stateless: the indices of step k depend only on (seed, k), so a resumed run draws the
     very batches an uninterrupted one would. Each rank takes a disjoint slice of every
-    global batch; the last incomplete global batch of an epoch is dropped.
+    global batch; the last incomplete global batch of an epoch is dropped. Each epoch's
+    permutation is drawn on the CPU and copied to `device` once, so a step's indices are a
+    slice of a device tensor (no host-to-device copy per step).
     """
 
-    def __init__(self, num_items, global_batch, *, rank=0, world_size=1, seed=0):
+    def __init__(self, num_items, global_batch, *, rank=0, world_size=1, seed=0, device="cpu"):
         if global_batch % world_size:
             raise DataError(f"batch size {global_batch} must be divisible by the {world_size} processes")
         if num_items < world_size:
@@ -148,7 +150,7 @@ class BatchSampler:
         # A data set smaller than one batch: use all of it (a multiple of the process count) per step.
         self.global_batch = min(global_batch, num_items - num_items % world_size)
         self.batch = self.global_batch // world_size
-        self.num_items, self.rank, self.seed = num_items, rank, seed
+        self.num_items, self.rank, self.seed, self.device = num_items, rank, seed, torch.device(device)
         self.steps_per_epoch = num_items // self.global_batch
         self._epoch, self._order = None, None
 
@@ -156,6 +158,7 @@ class BatchSampler:
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(self.num_items, generator=generator)
+            self._epoch = epoch
+            self._order = torch.randperm(self.num_items, generator=generator).to(self.device)
         start = position * self.global_batch + self.rank * self.batch
         return self._order[start:start + self.batch]

@@ -209,7 +209,7 @@ class _Run:
         self.train_images, self.test_images, self.train_labels, self.test_labels = train_test_split(
             images, labels, config.test_fraction, seed=config.seed)
         self.sampler = BatchSampler(self.train_images.shape[0], config.batch_size, rank=env.rank,
-                                    world_size=env.world_size, seed=config.seed)
+                                    world_size=env.world_size, seed=config.seed, device=device)
         self.train_on_device = self.train_images.to(device)
         self.schedule = make_schedule(config.schedule, config.timesteps)
 
@@ -258,7 +258,7 @@ class _Run:
         stop = _StopFlag()
         with stop.installed():
             while self.step < config.steps:
-                x0 = self.train_on_device[self.sampler.indices(self.step).to(self.env.device)]
+                x0 = self.train_on_device[self.sampler.indices(self.step)]
                 if config.ema_decay is not None:
                     self.trainer.ema_decay = ema_decay_at(self.step, config.ema_decay)
                 pending.append(self.trainer.step(x0))
