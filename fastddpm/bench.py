@@ -44,9 +44,11 @@ def _long_format(name, row):
         return row
     if "images_per_s" in row:
         windows = sorted(row.get("images_per_s_windows") or [row["images_per_s"]])
-        shape = f"{row.get('batch')}x{row.get('preset')}x{row.get('image_size')}"
+        size = row.get("image_size")
+        shape = f"{row.get('preset')} {row.get('batch')}x{size}x{size}"
+        dtype = "float32" if row.get("autocast") in (None, "none") else f"autocast {row['autocast']}"
         return dict(op=f"{name}", provider=row["provider"], mode="full", metric="throughput", unit="images/s",
-                    shape=shape, dtype=row.get("autocast", ""), p50=row["images_per_s"], p20=windows[0],
+                    shape=shape, dtype=dtype, p50=row["images_per_s"], p20=windows[0],
                     p80=windows[-1], device=row.get("device"), torch=row.get("torch"), triton=None, time=None)
     raise ValueError(f"bench_{name}.run returned a row this command cannot read: {sorted(row)}")
 
@@ -103,14 +105,16 @@ def plot_speedups(rows, path):
     entries = speedups(rows)
     if not entries:
         raise ValueError("no speedups to plot: no benchmark row has an eager baseline")
-    labels = sorted({f"{op}\n{shape} {dtype}" + (f" {mode}" if mode not in ("", "full") else "")
-                     for op, shape, dtype, mode, *_ in entries})
+    def label(op, shape, dtype, mode):
+        return f"{op}\n{shape}\n{dtype}" + (f" {mode}" if mode not in ("", "full") else "")
+
+    labels = sorted({label(op, shape, dtype, mode) for op, shape, dtype, mode, *_ in entries})
     providers = sorted({entry[5] for entry in entries})
     width = 0.8 / len(providers)
-    figure = Figure(figsize=(max(6, 1.2 * len(labels) + 2), 4.5), dpi=100)
+    figure = Figure(figsize=(max(6, 1.5 * len(labels) + 2), 4.8), dpi=100)
     axes = figure.add_subplot()
     for index, provider in enumerate(providers):
-        values = {f"{op}\n{shape} {dtype}" + (f" {mode}" if mode not in ("", "full") else ""): value
+        values = {label(op, shape, dtype, mode): value
                   for op, shape, dtype, mode, _, name, _, value in entries if name == provider}
         positions = [i + (index - (len(providers) - 1) / 2) * width for i in range(len(labels))]
         axes.bar(positions, [values.get(label, 0.0) for label in labels], width, label=provider)
