@@ -76,9 +76,7 @@ def _read_image(path):
     from PIL import Image  # Pillow ships with matplotlib
 
     with Image.open(path) as image:
-        if image.mode in ("L", "1", "I;16", "I", "F"):
-            array = np.asarray(image.convert("L"))[:, :, None]
-        elif image.mode in ("LA",):
+        if image.mode in ("L", "LA", "1", "I;16", "I", "F"):
             array = np.asarray(image.convert("L"))[:, :, None]
         else:
             array = np.asarray(image.convert("RGB"))

@@ -382,8 +382,7 @@ class _Run:
             metrics["test_bpd"] = evaluate_bpd(
                 network, self.test_images[env.rank::env.world_size].to(env.device), self.schedule,
                 prediction=config.prediction, variance=config.variance, timesteps=config.elbo_timesteps,
-                seed=config.seed + env.rank,
-                distributed=env.distributed, progress=self.progress and env.is_main)
+                seed=config.seed + env.rank, distributed=env.distributed, progress=self.progress and env.is_main)
             metrics["test_bpd"]["elbo_timesteps"] = config.elbo_timesteps or config.timesteps
             metrics["elbo_seconds"] = round(time.perf_counter() - start, 1)
             self.print(f"test bits/dim: {metrics['test_bpd']['total_bpd']:.3f} "
@@ -395,8 +394,7 @@ class _Run:
             samples = draw_samples(network, config.num_samples, tuple(self.train_images.shape[1:]), self.schedule,
                                    method=config.sample_method, steps=config.sample_steps, eta=config.eta,
                                    prediction=config.prediction, variance=config.variance, seed=config.seed,
-                                   device=env.device,
-                                   progress=self.progress)
+                                   device=env.device, progress=self.progress)
             metrics["sample_seconds"] = round(time.perf_counter() - start, 1)
             metrics["sampling"] = {"method": config.sample_method, "steps": config.sample_steps or config.timesteps,
                                    "eta": config.eta}
