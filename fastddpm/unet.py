@@ -364,12 +364,14 @@ def compile_unet(model, *, mode=None, dynamic=False, fullgraph=True, autocast_dt
 
 
 def unwrap_model(model):
-    """The plain module under `torch.compile` and `compile_unet` wrappers."""
+    """The plain module under `torch.compile`, `compile_unet` and (Distributed)DataParallel wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, AutocastChannelsLast):
             model = model.model
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         else:
             return model
 

@@ -266,3 +266,10 @@ def test_compiled_unet_matches_eager(tiny):
     out = compiled(x, t)
     assert out.dtype == torch.float32
     assert relative_error(out, expected) < 1e-4
+
+
+def test_unwrap_model_sees_through_every_wrapper():
+    from fastddpm.unet import unwrap_model
+
+    model = UNet.from_preset("tiny", in_channels=1)
+    assert unwrap_model(torch.nn.DataParallel(compile_unet(model))) is model
