@@ -64,6 +64,28 @@ def sample_offsets(D, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def model_output_offsets(sample, offs, D, C, WIDE_OUTPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """Flat offsets of the first C channels of the model output for x_t's offsets `offs`, and the
+    distance from there to the variance half when the output has 2C channels (WIDE_OUTPUT).
+
+    Contiguous: a sample is a 2D block, the variance half starts at +D. channels_last: memory
+    (h, w, c) with 2C channels, so x_t's position hw*C + c is hw*2C + c and the variance is at +C.
+    """
+    if WIDE_OUTPUT:
+        base = sample.to(tl.int64) * (2 * D)
+        if CHANNELS_LAST:
+            out_offs = base + (offs // C) * (2 * C) + offs % C
+            variance_shift = C
+        else:
+            out_offs = base + offs
+            variance_shift = D
+    else:
+        out_offs = sample.to(tl.int64) * D + offs
+        variance_shift = 0
+    return out_offs, variance_shift
+
+
+@triton.jit
 def standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """N(0, 1) noise for element `offs` of `sample`, keyed on (seed, logical element index).
 

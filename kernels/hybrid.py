@@ -32,8 +32,9 @@ import triton.language as tl
 from fastddpm import reference
 from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import channel_sizes, kernel_layout, launch_config, like_layout, sample_offsets, standard_normal
-from .vlb import (FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, output_offsets, prediction_table,
+from ._common import (channel_sizes, kernel_layout, launch_config, like_layout, model_output_offsets,
+                      sample_offsets, standard_normal)
+from .vlb import (FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, prediction_table,
                   vb_element)
 
 SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
@@ -56,11 +57,10 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
     # the x_t the model saw: q_sample's, rounded once to x0's dtype
     x_t = tl.load(table_ptr + SQRT_AB * T + t) * x0 + tl.load(table_ptr + SQRT_1M_AB * T + t) * eps
     x_t = x_t.to(x0_ptr.dtype.element_ty).to(tl.float32)
-    mean_offs, var_offs = output_offsets(offs, D, C, LEARNED, CHANNELS_LAST)
-    out_base = sample.to(tl.int64) * D * (2 if LEARNED else 1)
-    mean_out = tl.load(out_ptr + out_base + mean_offs, mask=mask).to(tl.float32)
+    out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED, CHANNELS_LAST)
+    mean_out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
     if LEARNED:
-        var_out = tl.load(out_ptr + out_base + var_offs, mask=mask).to(tl.float32)
+        var_out = tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32)
     else:
         var_out = mean_out
     term, d_mean_out, d_var_out, _ = vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr,
@@ -76,9 +76,9 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
     else:
         grad_mean = vb_scale * d_mean_out
     if COMPUTE_GRAD:
-        tl.store(grad_ptr + out_base + mean_offs, grad_mean.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + out_offs, grad_mean.to(grad_ptr.dtype.element_ty), mask=mask)
         if LEARNED:
-            tl.store(grad_ptr + out_base + var_offs, (vb_scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + out_offs + variance_shift, (vb_scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def vlb_loss_forward(model_output, x0, noise, t, table, pred_table, mse_weights, seed, vlb_weight, hybrid, learned,

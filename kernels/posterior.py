@@ -32,7 +32,8 @@ from fastddpm import reference
 from fastddpm._checks import draw_seed
 from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import channel_sizes, kernel_layout, launch_config, like_layout, sample_offsets, standard_normal
+from ._common import (channel_sizes, kernel_layout, launch_config, like_layout, model_output_offsets,
+                      sample_offsets, standard_normal)
 
 SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
 SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
@@ -92,28 +93,6 @@ def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.con
             x0 = tl.clamp(x0, -scale, scale) / scale
         eps = e0 * x + f0 * x0
     return x0, eps
-
-
-@triton.jit
-def model_output_offsets(sample, offs, D, C, WIDE_OUTPUT: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Flat offsets of the first C channels of the model output for x_t's offsets `offs`, and the
-    distance from there to the variance half when the output has 2C channels (WIDE_OUTPUT).
-
-    Contiguous: a sample is a 2D block, the variance half starts at +D. channels_last: memory
-    (h, w, c) with 2C channels, so x_t's position hw*C + c is hw*2C + c and the variance is at +C.
-    """
-    if WIDE_OUTPUT:
-        base = sample.to(tl.int64) * (2 * D)
-        if CHANNELS_LAST:
-            out_offs = base + (offs // C) * (2 * C) + offs % C
-            variance_shift = C
-        else:
-            out_offs = base + offs
-            variance_shift = D
-    else:
-        out_offs = sample.to(tl.int64) * D + offs
-        variance_shift = 0
-    return out_offs, variance_shift
 
 
 @triton.jit

@@ -33,7 +33,7 @@ import triton.language as tl
 from fastddpm import reference
 from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import kernel_layout, launch_config, like_layout, sample_offsets
+from ._common import kernel_layout, launch_config, like_layout, model_output_offsets, sample_offsets
 
 SQRT_RECIP_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recip_alphas_cumprod"))
 SQRT_RECIPM1_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recipm1_alphas_cumprod"))
@@ -170,26 +170,6 @@ def gaussian_kl(mean_diff, true_log_var, log_var):
 
 
 @triton.jit
-def output_offsets(offs, D, C, LEARNED: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """Offsets in one sample of the model output of the mean part and (learned_range) the variance part.
-
-    A learned_range output has 2C channels: contiguous, the variance half starts D elements
-    later; channels_last, memory (hw, c) of x maps to (hw, c) and (hw, C + c) of 2C channels.
-    """
-    if LEARNED:
-        if CHANNELS_LAST:
-            mean_offs = offs + (offs // C) * C
-            var_offs = mean_offs + C
-        else:
-            mean_offs = offs
-            var_offs = offs + D
-    else:
-        mean_offs = offs
-        var_offs = offs
-    return mean_offs, var_offs
-
-
-@triton.jit
 def vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr, fixed_log_var_row,
                LEARNED: tl.constexpr, CLIP: tl.constexpr, TANH_CDF: tl.constexpr):
     """Per element: the vb term in nats (KL for t >= 1, decoder NLL for t = 0), its derivatives in
@@ -229,13 +209,12 @@ def vb_terms_kernel(out_ptr, x0_ptr, x_t_ptr, noise_ptr, t_ptr, table_ptr, pred_
                     COMPUTE_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offs, mask, base = sample_offsets(D, BLOCK)
     t = tl.load(t_ptr + sample)
-    mean_offs, var_offs = output_offsets(offs, D, C, LEARNED, CHANNELS_LAST)
-    out_base = sample.to(tl.int64) * D * (2 if LEARNED else 1)
+    out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED, CHANNELS_LAST)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
     x_t = tl.load(x_t_ptr + base + offs, mask=mask).to(tl.float32)
-    mean_out = tl.load(out_ptr + out_base + mean_offs, mask=mask).to(tl.float32)
+    mean_out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
     if LEARNED:
-        var_out = tl.load(out_ptr + out_base + var_offs, mask=mask).to(tl.float32)
+        var_out = tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32)
     else:
         var_out = mean_out
     term, d_mean_out, d_var_out, x0_hat = vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr,
@@ -243,9 +222,9 @@ def vb_terms_kernel(out_ptr, x0_ptr, x_t_ptr, noise_ptr, t_ptr, table_ptr, pred_
     if COMPUTE_GRAD:
         # d (mean over the sample of term / log 2) / d output, times the incoming per-sample gradient
         scale = tl.load(grad_scale_ptr + sample) * INV_LN2 / D
-        tl.store(grad_ptr + out_base + mean_offs, (scale * d_mean_out).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + out_offs, (scale * d_mean_out).to(grad_ptr.dtype.element_ty), mask=mask)
         if LEARNED:
-            tl.store(grad_ptr + out_base + var_offs, (scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + out_offs + variance_shift, (scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         partial = partial_ptr + sample * n_blocks + tl.program_id(0)
         tl.store(partial, tl.sum(tl.where(mask, term, 0.0), axis=0))

@@ -13,6 +13,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "compile: tests that run torch.compile with Inductor (slow on CPU)")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The suite's tensors are tiny: a second thread only adds contention (and on a busy machine,
+    spinning OpenMP threads make each op hundreds of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def triton_backend():
     """Run the ops on the Triton kernels (the interpreter on CPU), then restore the backend."""

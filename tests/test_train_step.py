@@ -9,16 +9,6 @@ from fastddpm.train_step import TrainStep
 from fastddpm.unet import UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second thread only adds contention (and on a busy machine,
-    spinning OpenMP threads make each op hundreds of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class StandInLoss:
     """DiffusionLoss's call contract: draws t and noise, calls model(x_t, t, **kw), eps-MSE."""
 

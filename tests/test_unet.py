@@ -29,16 +29,6 @@ DDPM_CIFAR10_DIFFUSERS_CONFIG = dict(
     norm_eps=1e-6, norm_num_groups=32, mid_block_scale_factor=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second thread only adds contention (and on a busy machine,
-    spinning OpenMP threads make each op hundreds of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def param_count(model):
     return sum(p.numel() for p in model.parameters())
 
