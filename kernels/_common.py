@@ -11,7 +11,22 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm.schedule import KERNEL_ROWS
+
 MAX_BATCH = 65535  # grid axis 1 limit
+
+# Rows of the schedule's kernel table (`NoiseSchedule.kernel_table`), as constants the kernels can read.
+SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
+SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
+SQRT_RECIP_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recip_alphas_cumprod"))
+SQRT_RECIPM1_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recipm1_alphas_cumprod"))
+COEF1 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef1"))
+COEF2 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef2"))
+POSTERIOR_VARIANCE = tl.constexpr(KERNEL_ROWS.index("posterior_variance"))
+LOG_VAR_CLIPPED = tl.constexpr(KERNEL_ROWS.index("posterior_log_variance_clipped"))
+LOG_BETAS = tl.constexpr(KERNEL_ROWS.index("log_betas"))
+AB = tl.constexpr(KERNEL_ROWS.index("alphas_cumprod"))
+FIXED_LARGE_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("fixed_large_log_variance"))
 
 
 def interpreting():
@@ -83,6 +98,18 @@ def model_output_offsets(sample, offs, D, C, WIDE_OUTPUT: tl.constexpr, CHANNELS
         out_offs = sample.to(tl.int64) * D + offs
         variance_shift = 0
     return out_offs, variance_shift
+
+
+@triton.jit
+def load_model_output(out_ptr, out_offs, variance_shift, mask, LEARNED: tl.constexpr):
+    """The mean part of a model output in float32 and, for a 2C-channel output, its variance part
+    (the mean part again otherwise); offsets from `model_output_offsets`."""
+    mean_out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
+    if LEARNED:
+        var_out = tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32)
+    else:
+        var_out = mean_out
+    return mean_out, var_out
 
 
 @triton.jit

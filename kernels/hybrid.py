@@ -30,15 +30,12 @@ import triton
 import triton.language as tl
 
 from fastddpm import reference
-from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import (channel_sizes, kernel_layout, launch_config, like_layout, model_output_offsets,
-                      sample_offsets, standard_normal)
+from ._common import (SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
+                      load_model_output, model_output_offsets, sample_offsets, standard_normal)
 from .vlb import (FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, prediction_table,
                   vb_element)
 
-SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
-SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
 
 
 @triton.jit
@@ -58,11 +55,7 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
     x_t = tl.load(table_ptr + SQRT_AB * T + t) * x0 + tl.load(table_ptr + SQRT_1M_AB * T + t) * eps
     x_t = x_t.to(x0_ptr.dtype.element_ty).to(tl.float32)
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED, CHANNELS_LAST)
-    mean_out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    if LEARNED:
-        var_out = tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32)
-    else:
-        var_out = mean_out
+    mean_out, var_out = load_model_output(out_ptr, out_offs, variance_shift, mask, LEARNED)
     term, d_mean_out, d_var_out, _ = vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr,
                                                 fixed_log_var_row, LEARNED, False, TANH_CDF)
     vb_scale = vlb_weight * INV_LN2 / D  # a Python float argument: float32 in the kernel

@@ -34,12 +34,10 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 
 from fastddpm import reference
-from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import channel_sizes, kernel_layout, launch_config, like_layout, sample_offsets, standard_normal
+from ._common import (SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout, sample_offsets,
+                      standard_normal)
 
-SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
-SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
 TARGET_TERMS = {"eps": (True, False), "x0": (False, True), "v": (True, True)}

@@ -30,22 +30,11 @@ import triton.language as tl
 
 from fastddpm import reference
 from fastddpm._checks import draw_seed
-from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import (channel_sizes, kernel_layout, launch_config, like_layout, model_output_offsets,
-                      sample_offsets, standard_normal)
+from ._common import (AB, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
+                      SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, kernel_layout,
+                      launch_config, like_layout, model_output_offsets, sample_offsets, standard_normal)
 
-SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
-SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
-SQRT_RECIP_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recip_alphas_cumprod"))
-SQRT_RECIPM1_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recipm1_alphas_cumprod"))
-COEF1 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef1"))
-COEF2 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef2"))
-POSTERIOR_VARIANCE = tl.constexpr(KERNEL_ROWS.index("posterior_variance"))
-LOG_VAR_CLIPPED = tl.constexpr(KERNEL_ROWS.index("posterior_log_variance_clipped"))
-LOG_BETAS = tl.constexpr(KERNEL_ROWS.index("log_betas"))
-AB = tl.constexpr(KERNEL_ROWS.index("alphas_cumprod"))
-FIXED_LARGE_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("fixed_large_log_variance"))
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
 CLIP_IDS = {"none": 0, "clip": 1, "dynamic": 2}

@@ -7,12 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import channel_sizes, launch_config, sample_offsets, standard_normal
+from ._common import SQRT_1M_AB, SQRT_AB, channel_sizes, launch_config, sample_offsets, standard_normal
 
-SQRT_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_alphas_cumprod"))
-SQRT_1M_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod"))
 
 
 @triton.jit

@@ -33,14 +33,9 @@ import triton.language as tl
 from fastddpm import reference
 from fastddpm.schedule import KERNEL_ROWS
 
-from ._common import kernel_layout, launch_config, like_layout, model_output_offsets, sample_offsets
+from ._common import (COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_RECIPM1_AB, SQRT_RECIP_AB, kernel_layout,
+                      launch_config, like_layout, load_model_output, model_output_offsets, sample_offsets)
 
-SQRT_RECIP_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recip_alphas_cumprod"))
-SQRT_RECIPM1_AB = tl.constexpr(KERNEL_ROWS.index("sqrt_recipm1_alphas_cumprod"))
-COEF1 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef1"))
-COEF2 = tl.constexpr(KERNEL_ROWS.index("posterior_mean_coef2"))
-POSTERIOR_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("posterior_log_variance_clipped"))
-LOG_BETAS = tl.constexpr(KERNEL_ROWS.index("log_betas"))
 FIXED_LOG_VARIANCE_ROWS = {"fixed_small": KERNEL_ROWS.index("posterior_log_variance_clipped"),
                            "fixed_large": KERNEL_ROWS.index("fixed_large_log_variance"),
                            "learned_range": KERNEL_ROWS.index("posterior_log_variance_clipped")}
@@ -178,7 +173,7 @@ def vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr, fixe
     x0_out = tl.load(pred_table_ptr + X0_OUT * T + t)
     coef1 = tl.load(table_ptr + COEF1 * T + t)
     coef2 = tl.load(table_ptr + COEF2 * T + t)
-    true_log_var = tl.load(table_ptr + POSTERIOR_LOG_VAR * T + t)
+    true_log_var = tl.load(table_ptr + LOG_VAR_CLIPPED * T + t)
     x0_hat = x0_xt * x_t + x0_out * mean_out
     d_x0_hat = x0_out + tl.zeros_like(x0_hat)  # d x0_hat / d mean_out
     if CLIP:
@@ -212,11 +207,7 @@ def vb_terms_kernel(out_ptr, x0_ptr, x_t_ptr, noise_ptr, t_ptr, table_ptr, pred_
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED, CHANNELS_LAST)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
     x_t = tl.load(x_t_ptr + base + offs, mask=mask).to(tl.float32)
-    mean_out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    if LEARNED:
-        var_out = tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32)
-    else:
-        var_out = mean_out
+    mean_out, var_out = load_model_output(out_ptr, out_offs, variance_shift, mask, LEARNED)
     term, d_mean_out, d_var_out, x0_hat = vb_element(x0, x_t, mean_out, var_out, t, T, table_ptr, pred_table_ptr,
                                                      fixed_log_var_row, LEARNED, CLIP, TANH_CDF)
     if COMPUTE_GRAD:
