@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 # Triton's interpreter runs every kernel on the CPU; it must be set before triton is imported.
@@ -23,21 +24,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def use_backend(name):
+    """Run the ops on `name` ("triton": the interpreter on CPU), then restore the backend."""
+    previous = fastddpm.get_backend()
+    fastddpm.set_backend(name)
+    try:
+        yield
+    finally:
+        fastddpm.set_backend(previous)
+
+
 @pytest.fixture
 def triton_backend():
-    """Run the ops on the Triton kernels (the interpreter on CPU), then restore the backend."""
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend("triton")
-    yield
-    fastddpm.set_backend(previous)
+    with use_backend("triton"):
+        yield
 
 
 @pytest.fixture
 def reference_backend():
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend("reference")
-    yield
-    fastddpm.set_backend(previous)
+    with use_backend("reference"):
+        yield
 
 
 def relative_error(actual, expected):

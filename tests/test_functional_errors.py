@@ -1,8 +1,8 @@
 """Bad input to every functional op: a clear error naming the argument, on both backends."""
 import pytest
 import torch
+from conftest import use_backend
 
-import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 
@@ -61,13 +61,8 @@ CASES = [
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("call, error, match", CASES)
 def test_bad_input_names_the_argument(backend, call, error, match):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
-        with pytest.raises(error, match=match):
-            call()
-    finally:
-        fastddpm.set_backend(previous)
+    with use_backend(backend), pytest.raises(error, match=match):
+        call()
 
 
 def test_out_of_range_t_under_compile_is_an_async_assert():

@@ -1,7 +1,7 @@
 """The fused q-sample kernel (Triton's interpreter on CPU) against the float64 reference."""
 import pytest
 import torch
-from conftest import BF16_ULP, SHAPES, TOLERANCES, make_layout
+from conftest import BF16_ULP, SHAPES, TOLERANCES, make_layout, use_backend
 
 import fastddpm
 from fastddpm import NoiseSchedule
@@ -171,13 +171,8 @@ def test_set_backend_rejects_unknown_names():
     (lambda s: F.q_sample(torch.randn(0, 3), torch.zeros(0, dtype=torch.long), None, s), ValueError, "must not be empty"),
 ])
 def test_bad_input(schedule, backend, call, error, match):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
-        with pytest.raises(error, match=match):
-            call(schedule)
-    finally:
-        fastddpm.set_backend(previous)
+    with use_backend(backend), pytest.raises(error, match=match):
+        call(schedule)
 
 
 def test_device_mismatch_is_named(schedule):
