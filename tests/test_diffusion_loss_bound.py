@@ -1,8 +1,8 @@
 """DiffusionLoss training on the bound: learned variance (hybrid), rescaled KL, importance-sampled t."""
 import pytest
 import torch
+from conftest import use_backend
 
-import fastddpm
 from fastddpm import DiffusionLoss, LossSecondMomentSampler, NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
@@ -19,9 +19,7 @@ def model_2c(x_t, t):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("loss_type, vlb_weight", [("mse", None), ("mse", 0.3), ("kl", None)])
 def test_learned_variance_loss_is_the_bound_loss_of_its_noise(backend, loss_type, vlb_weight):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         loss_fn = DiffusionLoss(S, prediction="v", weighting="min_snr", variance="learned_range", loss_type=loss_type,
                                 vlb_weight=vlb_weight, reduction="none")
         x0 = torch.rand(3, 2, 4, 4) * 2 - 1
@@ -34,8 +32,6 @@ def test_learned_variance_loss_is_the_bound_loss_of_its_noise(backend, loss_type
                                  weighting="min_snr", vlb_weight=vlb_weight, reduction="none",
                                  loss="kl" if loss_type == "kl" else "hybrid", variance="learned_range")
         torch.testing.assert_close(losses.double(), expected, rtol=2e-4, atol=1e-5)
-    finally:
-        fastddpm.set_backend(previous)
 
 
 def test_importance_sampled_t_weights_the_loss_and_updates_the_history(reference_backend):

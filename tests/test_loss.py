@@ -4,10 +4,9 @@ import zlib
 
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout
+from conftest import SHAPES, TOLERANCES, make_layout, use_backend
 from torch._dynamo.utils import counters
 
-import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
@@ -336,13 +335,9 @@ def test_compiles_for_gpus_with_vector_accesses():
     (lambda x: F.diffusion_loss(x, x, None, torch.tensor([1, 2]), SCHEDULE), ValueError, "noise is None"),
 ])
 def test_bad_seed(backend, call, error, match):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         with pytest.raises(error, match=match):
             call(torch.randn(2, 3, 4))
-    finally:
-        fastddpm.set_backend(previous)
 
 
 def test_seed_on_the_reference_backend_says_so(reference_backend):
@@ -368,10 +363,8 @@ class TinyModel(torch.nn.Module):
 
 @pytest.fixture(params=["triton", "reference"])
 def any_backend(request):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(request.param)
-    yield request.param
-    fastddpm.set_backend(previous)
+    with use_backend(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import BF16_ULP, make_layout
+from conftest import BF16_ULP, make_layout, use_backend
 from scipy import stats
 
 from fastddpm import NoiseSchedule
@@ -33,15 +33,10 @@ def correlation(a, b):
 @pytest.fixture(scope="module")
 def sample():
     """131072 normals (8 samples of 4x64x64) drawn by one q-sample at t = T-1, and x0, t, x_t."""
-    import fastddpm
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend("triton")
-    try:
+    with use_backend("triton"):
         x0 = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0))
         t = torch.full((8,), LAST)
         x_t, noise = F.q_sample(x0, t, None, SCHEDULE, seed=torch.tensor([20240611]), return_noise=True)
-    finally:
-        fastddpm.set_backend(previous)
     return x0, t, x_t, noise
 
 

@@ -4,9 +4,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout
+from conftest import SHAPES, TOLERANCES, make_layout, use_backend
 
-import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
@@ -166,9 +165,7 @@ def test_learned_range_in_every_layout(triton_backend, schedule, x_layout, out_l
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_return_x0_hat(schedule, method, backend):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         out, x_t, t, noise = step_inputs((2, 3, 4, 5), torch.float32, "contiguous")
         options = dict(prediction="v", clip_denoised=True)
         if method == "ddpm":
@@ -177,8 +174,6 @@ def test_return_x0_hat(schedule, method, backend):
         else:
             x_prev, x0_hat = F.ddim_step(out, x_t, t, t - 1, schedule, return_x0_hat=True, **options)
             alone = F.ddim_step(out, x_t, t, t - 1, schedule, **options)
-    finally:
-        fastddpm.set_backend(previous)
     torch.testing.assert_close(x_prev, alone)
     exact = R.p_mean_variance(out.double(), x_t.double(), t, schedule, **options)[3]
     assert_matches(x0_hat, exact, x_t)

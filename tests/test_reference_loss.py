@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import use_backend
 import torch.nn.functional as torch_F
 
 from fastddpm import NoiseSchedule
@@ -71,7 +72,6 @@ def test_simple_eps_loss_is_mse_loss(reference_backend, reduction):
 def test_vlb_weighted_loss_is_the_kl_term_in_nats(backend, prediction):
     """For fixed_small and t >= 1, w_vlb[t] · MSE = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) / D,
     whatever the parameterization (math.md section 5), on the CPU path and on the kernel."""
-    import fastddpm
     schedule = NoiseSchedule.cosine(1000)
     _, x0, noise, _ = batch((5, 3, 6, 6))
     eps_hat = noise + 0.3 * torch.randn_like(noise)
@@ -80,13 +80,9 @@ def test_vlb_weighted_loss_is_the_kl_term_in_nats(backend, prediction):
     x0_hat, _ = R.x0_eps_from_output(eps_hat.double(), x_t, t, schedule, "eps")
     output = R.training_target(x0_hat, t, eps_hat.double(), schedule, prediction)  # the same model, reparameterized
     kl_nats = R.vb_terms_bpd(eps_hat.double(), x0.double(), x_t, t, schedule) * math.log(2)
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         loss = F.diffusion_loss(output.float(), x0, noise, t, schedule, prediction=prediction, weighting="vlb",
                                 reduction="none")
-    finally:
-        fastddpm.set_backend(previous)
     torch.testing.assert_close(loss.double(), kl_nats, rtol=1e-5, atol=0)  # float32 output and math
 
 

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES
+from conftest import TOLERANCES, use_backend
 
-import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
@@ -139,13 +138,9 @@ def test_ddim_50_step_trajectory_matches_reference(schedule, backend, prediction
     x_T = torch.randn(2, 3, 8, 8)
     expected = reference_ddim_trajectory(toy_model(), x_T, schedule, space_timesteps(T, 50), prediction=prediction,
                                          clip_denoised=clip)
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         actual = sample(toy_model(), x_T.shape, schedule, method="ddim", steps=50, prediction=prediction,
                         clip_denoised=clip, x_T=x_T, progress=False)
-    finally:
-        fastddpm.set_backend(previous)
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -157,17 +152,13 @@ def test_triton_and_reference_ddpm_agree_given_the_noise(schedule):
     noises = torch.randn(8, 2, 2, 4, 4)
     chains = {}
     for backend in ("triton", "reference"):
-        previous = fastddpm.get_backend()
-        fastddpm.set_backend(backend)
-        try:
+        with use_backend(backend):
             x = x_T
             for k, i in enumerate(range(7, -1, -1)):
                 t = torch.full((2,), i)
                 x = F.p_sample_step(model(x, timestep_map[t]), x, t, spaced, noise=noises[k], prediction="v",
                                     variance="learned_range", clip_denoised=True)
             chains[backend] = x
-        finally:
-            fastddpm.set_backend(previous)
     torch.testing.assert_close(chains["triton"], chains["reference"], rtol=1e-5, atol=1e-5)
 
 
@@ -305,16 +296,12 @@ def test_guidance_with_null_kwargs_and_errors(reference_backend, schedule):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])
 def test_x0_hat_previews(schedule, backend, method):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
     previews = []
-    try:
+    with use_backend(backend):
         x, x0_hat = sample(toy_model(), (2, 1, 4, 4), schedule, method=method, steps=4, return_x0_hat=True,
                            generator=torch.Generator().manual_seed(5), progress=False)
         again = sample(toy_model(), (2, 1, 4, 4), schedule, method=method, steps=4, return_x0_hat=previews.append,
                        generator=torch.Generator().manual_seed(5), progress=False)
-    finally:
-        fastddpm.set_backend(previous)
     # the last step lands on its x0_hat: DDIM to ab_prev = 1, DDPM's t = 0 mean is coef1 = 1 times x0_hat
     torch.testing.assert_close(x, x0_hat, rtol=1e-6, atol=1e-6)
     assert torch.equal(again, x)
@@ -335,13 +322,9 @@ def test_unet_samples_with_guidance(reference_backend, schedule):
 
 def test_generator_makes_samples_reproducible(schedule):
     for backend in ("triton", "reference"):
-        previous = fastddpm.get_backend()
-        fastddpm.set_backend(backend)
-        try:
+        with use_backend(backend):
             runs = [sample(toy_model(), (2, 1, 4, 4), schedule, steps=3, generator=torch.Generator().manual_seed(s),
                            progress=False) for s in (7, 7, 8)]
-        finally:
-            fastddpm.set_backend(previous)
         assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
@@ -448,13 +431,9 @@ def test_zero_terminal_snr_first_step_is_finite(backend, clip):
     t, t_prev = torch.tensor([T - 1, T - 1]), torch.tensor([979, 979])
     x0 = (-v.double()).clamp(-1, 1) if clip else -v.double()
     ab_prev = schedule.alphas_cumprod[979]
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(backend)
-    try:
+    with use_backend(backend):
         ddim = F.ddim_step(v, x_t, t, t_prev, schedule, prediction="v", clip_denoised=clip)
         ddpm = F.p_sample_step(v, x_t, t, schedule, prediction="v", clip_denoised=clip, noise=torch.zeros_like(x_t))
-    finally:
-        fastddpm.set_backend(previous)
     torch.testing.assert_close(ddim.double(), ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * x_t.double(),
                                rtol=1e-5, atol=1e-5)
     mean = schedule.posterior_mean_coef1[T - 1] * x0 + schedule.posterior_mean_coef2[T - 1] * x_t.double()
