@@ -137,21 +137,12 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     check_like(model_output, "model_output", x0, "x0")
     t = check_timesteps(t, "t", x0, schedule)
     _check_loss_options(schedule, prediction, weighting, reduction)
-    if noise is None:
-        if seed is None:
-            raise ValueError("noise is None: pass the noise, or seed= the seed given to q_sample to regenerate it")
-        seed = _check_seed(seed, x0)
-    else:
-        check_like(noise, "noise", x0, "x0")
-        if seed is not None:
-            raise ValueError("pass either noise or seed (to regenerate q_sample's noise), not both")
-    if use_triton(x0):
+    triton_path = use_triton(x0)
+    seed = _check_noise_or_seed(noise, seed, x0, triton_path)
+    if triton_path:
         from fastddpm.kernels import loss
         return loss.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
                                    gamma=gamma, reduction=reduction, seed=seed)
-    if noise is None:
-        raise ValueError("seed= regenerates the noise of q_sample's Triton kernel and needs the triton backend; "
-                         "on the reference backend pass noise (q_sample(..., return_noise=True) returns it)")
     from fastddpm.loss import eager_diffusion_loss  # the reference's math in PyTorch's fused MSE kernels
     return eager_diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
                                 gamma=gamma, reduction=reduction)
@@ -238,6 +229,24 @@ def _check_drawn_seed(seed, noise, like, triton_path):
     return seed
 
 
+def _check_noise_or_seed(noise, seed, x0, triton_path):
+    """The losses' noise: a tensor like x0, or q_sample's seed to regenerate it in the kernel."""
+    if noise is None and seed is None:
+        raise ValueError("noise is None: pass exactly one of noise (a tensor like x0) and seed (the 1-element int64 "
+                         "seed given to q_sample, to regenerate its noise)")
+    if noise is not None and seed is not None:
+        raise ValueError("pass exactly one of noise and seed: either noise or seed (to regenerate q_sample's noise), "
+                         "not both")
+    if noise is not None:
+        check_like(noise, "noise", x0, "x0")
+        return None
+    seed = _check_seed(seed, x0)
+    if not triton_path:
+        raise ValueError("seed= regenerates the noise of q_sample's Triton kernel and needs the triton backend; "
+                         "on the reference backend pass noise (q_sample(..., return_noise=True) returns it)")
+    return seed
+
+
 def _check_seed(seed, like):
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError("seed must be a 1-element int64 tensor")
@@ -288,12 +297,8 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
     check_like(model_output, "model_output", x0, "x0", (x0.shape[0], channels, *x0.shape[2:]))
     t = check_timesteps(t, "t", x0, schedule)
     _check_loss_options(schedule, prediction, weighting, reduction)
-    if (noise is None) == (seed is None):
-        raise ValueError("pass exactly one of noise (a tensor like x0) and seed (q_sample's 1-element int64 seed)")
-    if noise is not None:
-        check_like(noise, "noise", x0, "x0")
-    else:
-        seed = _check_seed(seed, x0)
+    triton_path = use_triton(x0)
+    seed = _check_noise_or_seed(noise, seed, x0, triton_path)
     if vlb_weight is None:
         vlb_weight = schedule.num_timesteps / 1000.0 if loss == "hybrid" else float(schedule.num_timesteps)
     if isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float)) or not 0 <= vlb_weight < float("inf"):
@@ -303,11 +308,9 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     options = dict(prediction=prediction, weighting=weighting, gamma=gamma, vlb_weight=vlb_weight,
                    reduction=reduction, loss=loss, variance=variance, tanh_cdf=tanh_cdf, return_terms=return_terms)
-    if use_triton(x0):
+    if triton_path:
         from fastddpm.kernels import hybrid
         return hybrid.hybrid_loss(model_output, x0, noise, t, schedule, seed=seed, **options)
-    if noise is None:
-        raise ValueError("seed= regenerates the noise inside the Triton kernel; on the reference backend pass noise")
     return reference.hybrid_loss(model_output, x0, noise, t, schedule, **options)
 
 
