@@ -16,6 +16,17 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
+def with_grad(kernel_loss, reference_loss, output):
+    """(per-sample loss and its gradient w.r.t. `output`, the same from the reference on a float64
+    copy of `output`), each flattened into one vector."""
+    value = kernel_loss(output)
+    grad, = torch.autograd.grad(value.sum(), output)
+    output64 = output.detach().double().requires_grad_()
+    expected = reference_loss(output64)
+    expected_grad, = torch.autograd.grad(expected.sum(), output64)
+    return torch.cat([value.flatten(), grad.flatten().float()]), torch.cat([expected.flatten(), expected_grad.flatten()])
+
+
 def _cases(schedule):
     """(op name, function(shape, dtype) -> (kernel result, float64 reference), dtypes) for every kernel."""
     T = schedule.num_timesteps
@@ -39,8 +50,9 @@ def _cases(schedule):
     def p_sample(prediction, variance, clip):
         def run(shape, dtype):
             channels = shape[1] * (2 if variance == "learned_range" else 1)
-            out = randn((shape[0], channels, *shape[2:]), dtype).clamp(-1, 1) if variance == "learned_range" else None
-            out = out if out is not None else randn((shape[0], channels, *shape[2:]), dtype)
+            out = randn((shape[0], channels, *shape[2:]), dtype)
+            if variance == "learned_range":  # the variance half lies in [-1, 1]
+                out = out.clamp(-1, 1)
             x_t, noise, t = randn(shape, dtype), randn(shape, dtype), torch.randint(0, T, (shape[0],))
             options = dict(prediction=prediction, variance=variance, clip_denoised=clip)
             return (F.p_sample_step(out, x_t, t, schedule, noise=noise, **options),
@@ -63,13 +75,8 @@ def _cases(schedule):
             pred = randn(shape, dtype).requires_grad_()
             t = torch.randint(0, T, (shape[0],))
             options = dict(prediction=prediction, weighting=weighting, reduction="none")
-            value = F.diffusion_loss(pred, x0, noise, t, schedule, **options)
-            grad, = torch.autograd.grad(value.sum(), pred)
-            pred64 = pred.detach().double().requires_grad_()
-            expected = R.diffusion_loss(pred64, x0.double(), noise.double(), t, schedule, **options)
-            expected_grad, = torch.autograd.grad(expected.sum(), pred64)
-            return torch.cat([value.flatten(), grad.flatten().float()]), \
-                torch.cat([expected.flatten(), expected_grad.flatten()])
+            return with_grad(lambda p: F.diffusion_loss(p, x0, noise, t, schedule, **options),
+                             lambda p: R.diffusion_loss(p, x0.double(), noise.double(), t, schedule, **options), pred)
         return run
 
     def hybrid(prediction, loss_type):
@@ -85,13 +92,8 @@ def _cases(schedule):
             out = torch.cat([mean_half, torch.rand(shape, dtype=torch.float64) * 2 - 1], dim=1)
             out = out.to(dtype).requires_grad_()
             options = dict(prediction=prediction, loss=loss_type, reduction="none")
-            value = F.hybrid_loss(out, x0, noise, t, schedule, **options)
-            grad, = torch.autograd.grad(value.sum(), out)
-            out64 = out.detach().double().requires_grad_()
-            expected = R.hybrid_loss(out64, x0.double(), noise.double(), t, schedule, **options)
-            expected_grad, = torch.autograd.grad(expected.sum(), out64)
-            return torch.cat([value.flatten(), grad.flatten().float()]), \
-                torch.cat([expected.flatten(), expected_grad.flatten()])
+            return with_grad(lambda o: F.hybrid_loss(o, x0, noise, t, schedule, **options),
+                             lambda o: R.hybrid_loss(o, x0.double(), noise.double(), t, schedule, **options), out)
         return run
 
     def vb(prediction, variance):
