@@ -37,8 +37,12 @@ def check_like(x, name, like, like_name, shape=None):
         raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
 
 
-def check_timesteps(t, name, like, schedule, allow_minus_one=False):
-    """t: an integer tensor of shape (B,) on like's device, every value in [0, T) (or -1 if allowed)."""
+def check_timesteps(t, name, like, schedule, allow_minus_one=False, values=True):
+    """t: an integer tensor of shape (B,) on like's device, every value in [0, T) (or -1 if allowed).
+
+    values=False leaves the range to the kernel that loads t (its device assert): no launch here.
+    Returns t as int64 when the values were checked here, else as given (int32 or int64).
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int64 tensor of shape (B,), got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32):
@@ -48,6 +52,8 @@ def check_timesteps(t, name, like, schedule, allow_minus_one=False):
         raise ValueError(f"{name} must have shape ({batch},), one timestep per sample, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the data is on {like.device}")
+    if not values:
+        return t
     low, T = (-1 if allow_minus_one else 0), schedule.num_timesteps
     message = f"{name} must lie in [{low}, {T})"
     if t.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -69,8 +75,10 @@ def check_generator(generator, name="generator"):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def draw_seed(device, generator=None):
-    """A fresh Philox seed as a 1-element int64 tensor on `device` (no host sync)."""
+def draw_seed(device, generator=None, count=1):
+    """`count` uniform int64s in [0, 2**62) on `device`, one RNG launch (no host sync): a fresh
+    Philox seed for count=1; a training step draws its seed and B timesteps at once."""
     check_generator(generator)
-    source = generator.device if generator is not None else device
-    return torch.randint(0, 2 ** 62, (1,), device=source, generator=generator).to(device)
+    if generator is None or generator.device == device:
+        return torch.randint(0, 2 ** 62, (count,), device=device, generator=generator)
+    return torch.randint(0, 2 ** 62, (count,), device=generator.device, generator=generator).to(device)

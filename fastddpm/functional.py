@@ -10,6 +10,8 @@ from . import reference
 from ._checks import (check_choice, check_float, check_generator, check_like, check_schedule, check_timesteps,
                       draw_seed)
 from .backend import use_triton
+from .kernels import loss as loss_kernel
+from .kernels import q_sample as q_sample_kernel
 from .schedule import PREDICTIONS, WEIGHTINGS
 
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -30,24 +32,21 @@ def q_sample(x0, t, noise, schedule, *, generator=None, seed=None, return_noise=
     """
     check_schedule(schedule)
     check_float(x0, "x0")
-    t = check_timesteps(t, "t", x0, schedule)
     if noise is not None:
         check_like(noise, "noise", x0, "x0")
     check_generator(generator)
     triton_path = use_triton(x0)
+    t = check_timesteps(t, "t", x0, schedule, values=not triton_path)
     seed = _check_drawn_seed(seed, noise, x0, triton_path)
     if not triton_path:
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = reference.q_sample(x0, t, noise, schedule)
         return (x_t, noise) if return_noise else x_t
-    from fastddpm.kernels._common import kernel_layout, like_layout
-    x0, channels_last = kernel_layout(x0)
-    if noise is None:
-        seed = seed if seed is not None else draw_seed(x0.device, generator)
-    x_t, drawn = torch.ops.fastddpm.q_sample(
-        x0, t, like_layout(noise, channels_last), schedule.kernel_table(x0.device),
-        seed if noise is None else x0.new_empty(0, dtype=torch.int64), channels_last, return_noise)
+    if noise is None and seed is None:
+        seed = draw_seed(x0.device, generator)
+    x_t, drawn = q_sample_kernel.q_sample(x0, t, noise, schedule.kernel_table(x0.device), seed,
+                                          store_noise=return_noise)
     if return_noise:
         return x_t, (drawn if noise is None else noise)
     return x_t
@@ -135,17 +134,36 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     check_schedule(schedule)
     check_float(x0, "x0")
     check_like(model_output, "model_output", x0, "x0")
-    t = check_timesteps(t, "t", x0, schedule)
     _check_loss_options(schedule, prediction, weighting, reduction)
     triton_path = use_triton(x0)
+    t = check_timesteps(t, "t", x0, schedule, values=not triton_path)
     seed = _check_noise_or_seed(noise, seed, x0, triton_path)
-    if triton_path:
-        from fastddpm.kernels import loss
-        return loss.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
-                                   gamma=gamma, reduction=reduction, seed=seed)
-    from fastddpm.loss import eager_diffusion_loss  # the reference's math in PyTorch's fused MSE kernels
-    return eager_diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction, weighting=weighting,
-                                gamma=gamma, reduction=reduction)
+    return checked_diffusion_loss(model_output, x0, noise, t, schedule, prediction, weighting, gamma, reduction,
+                                  seed, triton_path)
+
+
+def checked_diffusion_loss(model_output, x0, noise, t, schedule, prediction, weighting, gamma, reduction, seed,
+                           triton_path):
+    """`diffusion_loss` on validated arguments (`DiffusionLoss` calls it directly)."""
+    options = dict(prediction=prediction, weighting=weighting, gamma=gamma, reduction=reduction)
+    if not triton_path:
+        from fastddpm.loss import eager_diffusion_loss  # the reference's math in PyTorch's fused MSE kernels
+        return eager_diffusion_loss(model_output, x0, noise, t, schedule, **options)
+    if torch.float64 in (model_output.dtype, x0.dtype, noise.dtype if noise is not None else None):
+        return reference.diffusion_loss(model_output, x0, _drawn_noise(x0, t, noise, seed, schedule), t, schedule,
+                                        **options)
+    device = x0.device
+    return loss_kernel.diffusion_loss(model_output, x0, noise, t, schedule.kernel_table(device),
+                                      schedule.loss_weight_table(weighting, prediction, gamma, device), seed,
+                                      prediction=prediction, reduction=reduction)
+
+
+def _drawn_noise(x0, t, noise, seed, schedule):
+    """The noise itself: given, or the float32 noise q-sample's kernel draws from `seed`."""
+    if noise is not None:
+        return noise
+    return q_sample_kernel.q_sample(x0.float(), t, None, schedule.kernel_table(x0.device), seed,
+                                    store_noise=True)[1]
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

@@ -9,6 +9,7 @@ from ._checks import check_choice, check_float, check_generator, check_like, che
 from .backend import use_triton
 from .elbo import LossSecondMomentSampler
 from .functional import REDUCTIONS, VARIANCES
+from .kernels import q_sample as q_sample_kernel
 from .schedule import KERNEL_ROWS, PREDICTIONS, WEIGHTINGS
 
 SQRT_AB_ROW = KERNEL_ROWS.index("sqrt_alphas_cumprod")
@@ -105,23 +106,31 @@ class DiffusionLoss(nn.Module):
         return self.loss(model(x_t, t, **model_kwargs), x0, state)
 
     def noise(self, x0, *, generator=None):
-        """(x_t, t, state): t drawn uniformly on x0's device, x_t = q_sample(x0, t, fresh noise)."""
+        """(x_t, t, state): t drawn uniformly on x0's device, x_t = q_sample(x0, t, fresh noise).
+
+        One RNG launch draws the noise seed and the uniform t together (see
+        `kernels/q_sample.py`); t is valid by construction and not checked again."""
         check_float(x0, "x0")
         check_generator(generator)
+        device = x0.device
         if self.timestep_sampler is None:
-            t = self.schedule.sample_timesteps(x0.shape[0], device=x0.device, generator=generator)
+            random = draw_seed(device, generator, count=x0.shape[0] + 1)
             weights = None
         else:
             t, weights = self.timestep_sampler.sample(x0.shape[0], generator=generator)
-            t, weights = t.to(x0.device), weights.to(x0.device)
+            t, weights = t.to(device), weights.to(device)
         if use_triton(x0):
-            seed = draw_seed(x0.device, generator)
-            x_t = functional.q_sample(x0, t, None, self.schedule, seed=seed)
-            return x_t, t, NoiseState(t, seed, None, weights)
-        # The noise functional.q_sample draws (in x0's dtype), kept in the compute dtype where
-        # q-sample and the loss both read it (half inputs: one cast, not two). t is valid by
-        # construction: not checked again.
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            table = self.schedule.kernel_table(device)
+            if weights is None:
+                x_t, t = q_sample_kernel.q_sample_drawing_t(x0, random, table)
+                return x_t, t, NoiseState(t, random[:1], None)
+            seed = draw_seed(device, generator)
+            return q_sample_kernel.q_sample(x0, t, None, table, seed)[0], t, NoiseState(t, seed, None, weights)
+        if weights is None:
+            t = random[1:] % self.schedule.num_timesteps  # the kernel path's t for the same draw
+        # The noise the reference draws (in x0's dtype), kept in the compute dtype where q-sample
+        # and the loss both read it (half inputs: one cast, not two).
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         if x0.dtype in HALF_DTYPES:
             noise = noise.float()
         return eager_q_sample(x0, t, noise, self.schedule), t, NoiseState(t, None, noise, weights)
@@ -132,20 +141,19 @@ class DiffusionLoss(nn.Module):
             raise TypeError(f"state must be the NoiseState returned by DiffusionLoss.noise, got {type(state).__name__}")
         weighted = state.importance_weights is not None
         reduction = "none" if weighted else self.reduction
-        options = dict(prediction=self.prediction, weighting=self.weighting, gamma=self.gamma, reduction=reduction)
-        if self.bound_loss is None and state.noise is not None and not use_triton(state.noise):
+        if self.bound_loss is None:
             # t and the noise come from `noise` (valid by construction): check only what the caller gives here
             check_float(x0, "x0")
             check_like(model_output, "model_output", x0, "x0")
-            check_like(state.noise, "state.noise", x0, "x0")
-            losses = eager_diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options)
-        elif self.bound_loss is None:
-            losses = functional.diffusion_loss(model_output, x0, state.noise, state.t, self.schedule, **options,
-                                               seed=state.seed)
+            triton_path = state.noise is None
+            losses = functional.checked_diffusion_loss(model_output, x0, state.noise, state.t, self.schedule,
+                                                       self.prediction, self.weighting, self.gamma, reduction,
+                                                       state.seed, triton_path)
         else:
-            losses = functional.hybrid_loss(model_output, x0, state.noise, state.t, self.schedule, **options,
-                                            seed=state.seed, vlb_weight=self.vlb_weight, loss=self.bound_loss,
-                                            variance=self.variance)
+            losses = functional.hybrid_loss(model_output, x0, state.noise, state.t, self.schedule,
+                                            prediction=self.prediction, weighting=self.weighting, gamma=self.gamma,
+                                            reduction=reduction, seed=state.seed, vlb_weight=self.vlb_weight,
+                                            loss=self.bound_loss, variance=self.variance)
         if not weighted:
             return losses
         self.timestep_sampler.update(state.t, losses.detach())

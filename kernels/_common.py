@@ -5,6 +5,7 @@ program (i, b) covers elements [i*BLOCK, (i+1)*BLOCK) of sample b, so per-sample
 coefficients are one scalar load per program and the memory of each sample is one dense
 block (contiguous, or channels_last for 4-D tensors: see `kernel_layout`).
 """
+import dataclasses
 import os
 
 import torch
@@ -31,6 +32,36 @@ FIXED_LARGE_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("fixed_large_log_variance")
 
 def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _checked_launch_options():
+    """Launch options that keep the kernels' `tl.device_assert` range checks of t: debug on,
+    integer-overflow sanitizing (which debug would also turn on, where Triton has it) off."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # a Triton without the NVIDIA backend: nothing to launch there
+        return {"debug": True}
+    fields = {field.name for field in dataclasses.fields(CUDAOptions)}
+    return {"debug": True, **({"sanitize_overflow": False} if "sanitize_overflow" in fields else {})}
+
+
+# Every kernel that gathers by a caller's timestep is launched with these options.
+CHECKED = _checked_launch_options()
+
+
+def _enable_interpreter_asserts():
+    """Triton's interpreter builds every kernel without debug, so `tl.device_assert` would
+    never fire there: turn asserts on, overflow sanitizing off (as CHECKED does on GPUs)."""
+    from triton.runtime import interpreter
+
+    options = interpreter.interpreter_builder.options
+    fields = {field.name for field in dataclasses.fields(options)}
+    changes = {name: value for name, value in CHECKED.items() if name in fields}
+    interpreter.interpreter_builder.options = dataclasses.replace(options, **changes)
+
+
+if interpreting():
+    _enable_interpreter_asserts()
 
 
 def kernel_layout(x):
@@ -76,6 +107,15 @@ def sample_offsets(D, BLOCK: tl.constexpr):
     sample = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     return sample, offs, offs < D, sample.to(tl.int64) * D
+
+
+@triton.jit
+def load_timestep(t_ptr, sample, T):
+    """t of `sample`, checked where it is loaded: out of [0, T) a device assert names t (kernels
+    launched with CHECKED), and the index is clamped so that nothing is read out of bounds."""
+    t = tl.load(t_ptr + sample)
+    tl.device_assert((t >= 0) & (t < T), "t must lie in [0, T): one timestep index per sample")
+    return tl.minimum(tl.maximum(t, 0), T - 1)
 
 
 @triton.jit
@@ -136,3 +176,57 @@ def standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST: tl.constexp
         # join stacks on a new last axis, so row g of join(join(n0, n2), join(n1, n3)) reads n0 n1 n2 n3
         z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
     return z
+
+
+# -- reductions over the whole grid, finished by the last program ------------------------------
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+FINISH_ROWS = tl.constexpr(256)  # samples summed at once by the finishing program
+_COUNTER_SLOTS, _SLOT_INTS = 64, 4  # slots 16 bytes apart: every slot pointer has the same alignment
+_counters = {}
+
+
+def reduction_counter(device):
+    """A zeroed int32 arrival counter for `finish_reduction`, which leaves it at zero again.
+
+    One slot of a ring per device, taken in turn, so that launches in flight at once on
+    different streams do not share a counter; allocated on first use (so once, outside any
+    CUDA graph capture, for the devices the schedules build their tables on)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ring = _counters.get(device)
+    if ring is None:
+        slots = torch.zeros(_COUNTER_SLOTS, _SLOT_INTS, dtype=torch.int32, device=device)
+        ring = _counters[device] = [[slot[:1] for slot in slots], 0]
+    views, turn = ring
+    ring[1] = (turn + 1) % _COUNTER_SLOTS
+    return views[turn]
+
+
+@triton.jit
+def finish_reduction(partial_ptr, out_ptr, counter_ptr, PER_SAMPLE: tl.constexpr):
+    """After each program of the (blocks, B) grid has stored its float32 partial at
+    partial_ptr[sample * blocks + block]: the last program to arrive sums them in a fixed order
+    (deterministic, whoever arrives last) into out, the B per-sample sums (PER_SAMPLE) or their
+    total, and resets the counter. One launch for a reduction that would otherwise take another."""
+    tl.debug_barrier()  # every thread's part of this program's partial is stored before it counts in
+    blocks = tl.num_programs(0)
+    samples = tl.num_programs(1)
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == blocks * samples - 1:
+        total = 0.0
+        for start in range(0, samples, FINISH_ROWS):
+            rows = start + tl.arange(0, FINISH_ROWS)
+            acc = tl.zeros([FINISH_ROWS], dtype=tl.float32)
+            for block in range(0, blocks):
+                # .cg: from L2, where the other programs' partials are, never a stale L1 line
+                acc += tl.load(partial_ptr + rows.to(tl.int64) * blocks + block, mask=rows < samples, other=0.0,
+                               cache_modifier=".cg")
+            if PER_SAMPLE:
+                tl.store(out_ptr + rows, acc, mask=rows < samples)
+            else:
+                total += tl.sum(acc, axis=0)
+        if not PER_SAMPLE:
+            tl.store(out_ptr, total)
+        tl.atomic_xchg(counter_ptr, 0)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from conftest import BF16_ULP, SHAPES, TOLERANCES, make_layout, use_backend
+from helpers import recorded_ops
 
 import fastddpm
 from fastddpm import NoiseSchedule
@@ -111,9 +112,11 @@ def test_opcheck(triton_backend, schedule):
     x0, noise, t = inputs((2, 3, 4, 4), torch.float32, "contiguous")
     table = schedule.kernel_table("cpu")
     seed = torch.tensor([7])
-    torch.library.opcheck(torch.ops.fastddpm.q_sample.default, (x0, t, noise, table, seed, False, False))
-    torch.library.opcheck(torch.ops.fastddpm.q_sample.default, (x0, t, None, table, seed, False, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    random = torch.tensor([7, 2 ** 61 + 5, 123456789])  # (seed, r_0, r_1): t = r mod T
+    op = torch.ops.fastddpm.q_sample.default
+    torch.library.opcheck(op, (x0, t, noise, table, seed, False, False, False))
+    for args in ((x0, t, None, table, seed, False, True, False), (x0, random, None, table, None, False, False, True)):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -152,11 +155,24 @@ def test_set_backend_rejects_unknown_names():
 # -- bad input: every argument, on both paths --------------------------------------------------
 
 
+@pytest.mark.parametrize("t", [[0, 1000], [-1, 0]])
+@pytest.mark.parametrize("noise", [False, True])
+def test_out_of_range_t_fails_where_it_is_checked(schedule, t, noise):
+    """The reference checks t on the host; the kernel checks it where it loads it (a device
+    assert, which the interpreter raises), with no check op launched before it."""
+    x0 = torch.randn(2, 3, 4)
+    noise = torch.randn(2, 3, 4) if noise else None
+    with use_backend("reference"), pytest.raises(ValueError, match=r"t must lie in \[0, 1000\), got values from"):
+        F.q_sample(x0, torch.tensor(t), noise, schedule)
+    with use_backend("triton"), pytest.raises(Exception, match=r"t must lie in \[0, T\)") as raised:
+        with recorded_ops() as ops:
+            F.q_sample(x0, torch.tensor(t), noise, schedule)
+    assert "interpret" in type(raised.value).__module__ or "Interpreter" in type(raised.value).__name__
+    assert not {"aminmax", "_assert_async", "ge", "lt"} & ops, ops
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("call, error, match", [
-    (lambda s: F.q_sample(torch.randn(2, 3, 4), torch.tensor([0, 1000]), torch.randn(2, 3, 4), s),
-     ValueError, r"t must lie in \[0, 1000\)"),
-    (lambda s: F.q_sample(torch.randn(2, 3, 4), torch.tensor([-1, 0]), None, s), ValueError, "t must lie in"),
     (lambda s: F.q_sample(torch.randn(2, 3, 4), torch.tensor([1.0, 2.0]), None, s), TypeError, "t must be an int64"),
     (lambda s: F.q_sample(torch.randn(2, 3, 4), torch.tensor([1, 2, 3]), None, s), ValueError, r"t must have shape \(2,\)"),
     (lambda s: F.q_sample(torch.randn(2, 3, 4), [1, 2], None, s), TypeError, "t must be an int64 tensor"),
@@ -190,12 +206,15 @@ def test_compiles_for_gpus_with_vector_accesses():
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
-        for draw, store in ((False, False), (True, False), (True, True)):
+        for draw, store, draw_t in ((False, False, False), (True, False, False), (True, True, False),
+                                    (True, False, True)):
             specs.append(dict(
                 module="fastddpm.kernels.q_sample", kernel="q_sample_kernel", num_warps=num_warps,
                 signature={"x0_ptr": data, "noise_ptr": data, "out_ptr": data, "noise_out_ptr": data, "t_ptr": "*i64",
-                           "table_ptr": "*fp32", "seed_ptr": "*i64", "D": "i32", "T": "i32", "C": "i32", "HW": "i32"},
-                constexprs={"DRAW_NOISE": draw, "STORE_NOISE": store, "CHANNELS_LAST": False, "BLOCK": block},
+                           "t_out_ptr": "*i64", "table_ptr": "*fp32", "seed_ptr": "*i64", "D": "i32", "T": "i32",
+                           "C": "i32", "HW": "i32"},
+                constexprs={"DRAW_NOISE": draw, "STORE_NOISE": store, "DRAW_T": draw_t, "CHANNELS_LAST": False,
+                            "BLOCK": block},
                 divisible=["x0_ptr", "noise_ptr", "out_ptr", "noise_out_ptr", "D"]))
             # 8 elements a thread: two 16-byte accesses per full tensor in float32, one in bfloat16
             per_tensor = 2 if dtype == "float32" else 1
