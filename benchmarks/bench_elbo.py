@@ -27,7 +27,7 @@ import torch
 import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import elbo as elbo_module
-from fastddpm.kernels import vlb
+from fastddpm.backend import use_triton
 
 from . import harness
 
@@ -54,11 +54,11 @@ def step_paths(schedule):
     options = dict(prediction="eps", variance="learned_range", clip_denoised=False, tanh_cdf=False)
 
     def fastddpm_path(output, x0, x_t, noise, t):
-        return elbo_module._vb_and_mse(output, x0, x_t, noise, t, schedule, options["prediction"],
-                                       options["variance"], options["clip_denoised"], options["tanh_cdf"])
+        return fastddpm.functional.vb_terms_with_mse(output, x0, x_t, noise, t, schedule,
+                                                     triton_path=use_triton(x_t), **options)
 
     def eager(output, x0, x_t, noise, t):
-        return vlb.reference_vb_terms_with_mse(output, x0, x_t, noise, t, schedule, **options)
+        return fastddpm.reference.vb_terms_with_mse(output, x0, x_t, noise, t, schedule, **options)
 
     torch.compiler.reset()
     return {"fastddpm": fastddpm_path, "eager": eager, "compile": torch.compile(eager, dynamic=False)}

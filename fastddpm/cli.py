@@ -17,7 +17,8 @@ import sys
 import torch
 
 from .data import DataError
-from .train import (SAMPLE_METHODS, SCHEDULES, TIMESTEP_SAMPLERS, VARIANCES, CheckpointError, NonFiniteLossError,
+from .options import METHODS, SCHEDULES, TIMESTEP_SAMPLERS, VARIANCES
+from .train import (CheckpointError, NonFiniteLossError,
                     TrainConfig, TrainingInterrupted)
 
 
@@ -63,7 +64,7 @@ def _add_train_arguments(parser):
         "device": "cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
         "threads": "CPU threads per process (default: the cores but one, divided among the processes)",
     }
-    choices = {"preset": None, "schedule": SCHEDULES, "sample_method": SAMPLE_METHODS, "variance": VARIANCES,
+    choices = {"preset": None, "schedule": SCHEDULES, "sample_method": METHODS, "variance": VARIANCES,
                "timestep_sampler": TIMESTEP_SAMPLERS,
                "prediction": ("eps", "x0", "v"), "weighting": ("simple", "vlb", "snr", "min_snr", "p2")}
     for field in dataclasses.fields(TrainConfig):
@@ -98,7 +99,7 @@ def _build_parser():
 
     sample = commands.add_parser("sample", help="a grid of samples from a checkpoint")
     sample.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    sample.add_argument("--method", choices=SAMPLE_METHODS, default="ddpm", help="default: ddpm (ancestral)")
+    sample.add_argument("--method", choices=METHODS, default="ddpm", help="default: ddpm (ancestral)")
     sample.add_argument("--steps", type=_optional_int, default=100, help="sampler steps ('none': all T; default 100)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
     sample.add_argument("--num", type=int, default=64, help="number of samples (default 64)")

@@ -13,12 +13,10 @@ import torch.distributed as dist
 
 from . import functional, reference
 from ._checks import check_choice, check_float, check_generator, check_schedule
-from .backend import use_triton
-from .schedule import PREDICTIONS, NoiseSchedule
+from .options import CLIP_OPTIONS, PREDICTIONS, STRATA, VARIANCES
+from .schedule import NoiseSchedule
 
 __all__ = ["LossSecondMomentSampler", "elbo_bpd"]
-
-STRATA = ("log", "equal")
 
 
 class LossSecondMomentSampler:
@@ -158,14 +156,6 @@ class LossSecondMomentSampler:
 # -- evaluation -------------------------------------------------------------------------------
 
 
-def _vb_and_mse(model_output, x0, x_t, noise, t, schedule, prediction, variance, clip_denoised, tanh_cdf):
-    """(vb bits/dim, x0_hat MSE, eps_hat MSE) per sample, in one kernel pass on the Triton backend."""
-    from fastddpm.kernels import vlb
-    compute = vlb.vb_terms_with_mse if use_triton(x_t) else vlb.reference_vb_terms_with_mse
-    return compute(model_output, x0, x_t, noise, t, schedule, prediction=prediction, variance=variance,
-                   clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
-
-
 def _repeat_kwargs(model_kwargs, batch, repeats):
     """Tile every tensor of model_kwargs with a leading batch dimension `repeats` times."""
     if repeats == 1:
@@ -249,8 +239,8 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
     check_choice(prediction, "prediction", PREDICTIONS)
-    check_choice(variance, "variance", functional.VARIANCES)
-    check_choice(clip_denoised, "clip_denoised", functional.CLIP_OPTIONS)
+    check_choice(variance, "variance", VARIANCES)
+    check_choice(clip_denoised, "clip_denoised", CLIP_OPTIONS)
     check_generator(generator)
     T = schedule.num_timesteps
     if timesteps is not None and (isinstance(timesteps, bool) or not isinstance(timesteps, int)
@@ -292,9 +282,11 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
                                for _ in chunk]).to(device)
             x_t = functional.q_sample(x0_rep, t, noise, schedule)
             output = model(x_t, t, **_repeat_kwargs(model_kwargs, batch, k))
-            functional._check_reverse(output, x_t, t, schedule, prediction, variance, clip_denoised)
-            vb, x0_mse, eps_mse = _vb_and_mse(output, x0_rep, x_t, noise, t, schedule, prediction, variance,
-                                              clip_denoised, tanh_cdf)
+            t, triton_path = functional._check_reverse(output, x_t, t, schedule, prediction, variance, clip_denoised)
+            vb, x0_mse, eps_mse = functional.vb_terms_with_mse(output, x0_rep, x_t, noise, t, schedule,
+                                                               prediction=prediction, variance=variance,
+                                                               clip_denoised=clip_denoised, tanh_cdf=tanh_cdf,
+                                                               triton_path=triton_path)
             for row, values in enumerate((vb, eps_mse, x0_mse)):
                 stats[row][:, chunk] = values.to(result_dtype).reshape(k, batch).T
             if bar is not None:

@@ -10,13 +10,13 @@ from . import reference
 from ._checks import (check_choice, check_float, check_generator, check_like, check_schedule, check_timesteps,
                       draw_seed)
 from .backend import use_triton
+from .kernels import hybrid as hybrid_kernel
 from .kernels import loss as loss_kernel
+from .kernels import posterior as posterior_kernel
 from .kernels import q_sample as q_sample_kernel
-from .schedule import PREDICTIONS, WEIGHTINGS
+from .kernels import vlb as vlb_kernel
+from .options import CLIP_OPTIONS, LOSS_TYPES, PREDICTIONS, REDUCTIONS, VARIANCES, WEIGHTINGS
 
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-REDUCTIONS = ("mean", "sum", "none")
-CLIP_OPTIONS = (False, True, "dynamic")
 
 __all__ = ["q_sample", "q_posterior", "p_mean_variance", "p_sample_step", "ddim_step", "diffusion_loss",
            "normal_kl", "discretized_gaussian_log_likelihood", "vb_terms_bpd", "prior_bpd", "hybrid_loss", "elbo_bpd"]
@@ -57,23 +57,21 @@ def q_posterior(x0, x_t, t, schedule):
     check_schedule(schedule)
     check_float(x_t, "x_t")
     check_like(x0, "x0", x_t, "x_t")
-    t = check_timesteps(t, "t", x_t, schedule)
-    if use_triton(x_t):
-        from fastddpm.kernels import posterior
-        return posterior.q_posterior(x0, x_t, t, schedule)
+    triton_path = use_triton(x_t)
+    t = check_timesteps(t, "t", x_t, schedule, values=not triton_path)
+    if triton_path:
+        return posterior_kernel.q_posterior(x0, x_t, t, schedule.kernel_table(x_t.device))
     return reference.q_posterior(x0, x_t, t, schedule)
 
 
 def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False):
     """(mean, variance, log_variance, x0_hat) of p(x_{t-1} | x_t); with variance="learned_range"
     the model output has 2C channels. clip_denoised: False, True (clip x0_hat to [-1, 1]) or "dynamic"."""
-    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
-    if use_triton(x_t):
-        from fastddpm.kernels import posterior
-        return posterior.p_mean_variance(model_output, x_t, t, schedule, prediction=prediction, variance=variance,
-                                         clip_denoised=clip_denoised)
-    return reference.p_mean_variance(model_output, x_t, t, schedule, prediction=prediction, variance=variance,
-                                     clip_denoised=clip_denoised)
+    t, triton_path = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    if triton_path:
+        return posterior_kernel.p_mean_variance(model_output, x_t, t, schedule.kernel_table(x_t.device), **options)
+    return reference.p_mean_variance(model_output, x_t, t, schedule, **options)
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None, prediction="eps",
@@ -84,18 +82,18 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     from `generator` when not given; the reference backend draws with `generator` and rejects
     `seed`). `return_x0_hat=True` returns (x_{t-1}, x0_hat), x0_hat as used for the mean.
     """
-    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    t, triton_path = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     _check_noise(noise, generator, x_t)
-    triton_path = use_triton(x_t)
     seed = _check_drawn_seed(seed, noise, x_t, triton_path)
+    options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                   return_x0_hat=return_x0_hat)
     if triton_path:
-        from fastddpm.kernels import posterior
-        return posterior.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator,
-                                       prediction=prediction, variance=variance, clip_denoised=clip_denoised,
-                                       seed=seed, return_x0_hat=return_x0_hat)
+        if noise is None and seed is None:
+            seed = draw_seed(x_t.device, generator)
+        return posterior_kernel.p_sample_step(model_output, x_t, t, schedule.kernel_table(x_t.device), noise, seed,
+                                              **options)
     from fastddpm.sampling import eager_p_sample_step  # the reference's math in fewer memory passes
-    return eager_p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator, prediction=prediction,
-                               variance=variance, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
+    return eager_p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator, **options)
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
@@ -104,21 +102,20 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
 
     `seed` and `return_x0_hat` as in `p_sample_step` (noise is drawn only for eta > 0).
     """
-    t = _check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
-    t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True)
+    t, triton_path = _check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
+    t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True, values=not triton_path)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     _check_noise(noise, generator, x_t)
-    triton_path = use_triton(x_t)
     seed = _check_drawn_seed(seed, noise, x_t, triton_path)
+    options = dict(eta=eta, prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
     if triton_path:
-        from fastddpm.kernels import posterior
-        return posterior.ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
-                                   prediction=prediction, clip_denoised=clip_denoised, seed=seed,
-                                   return_x0_hat=return_x0_hat)
+        if noise is None and seed is None and eta != 0:
+            seed = draw_seed(x_t.device, generator)
+        return posterior_kernel.ddim_step(model_output, x_t, t, t_prev, schedule.kernel_table(x_t.device), noise,
+                                          seed, **options)
     from fastddpm.sampling import eager_ddim_step  # the reference's math in fewer memory passes
-    return eager_ddim_step(model_output, x_t, t, t_prev, schedule, eta=eta, noise=noise, generator=generator,
-                           prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
+    return eager_ddim_step(model_output, x_t, t, t_prev, schedule, noise=noise, generator=generator, **options)
 
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
@@ -190,16 +187,31 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", varian
     tanh_cdf=True: improved-diffusion's tanh approximation of the normal CDF in the decoder.
     clip_denoised="dynamic" (a per-sample quantile) runs the reference.
     """
-    t = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    t, triton_path = _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     check_like(x0, "x0", x_t, "x_t")
     if not isinstance(tanh_cdf, bool):
         raise TypeError(f"tanh_cdf must be a bool, got {type(tanh_cdf).__name__}")
-    if use_triton(x_t):
-        from fastddpm.kernels import vlb
-        return vlb.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
-                                clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
-    return reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
-                                  clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
+    return vb_terms_with_mse(model_output, x0, x_t, None, t, schedule, prediction=prediction, variance=variance,
+                             clip_denoised=clip_denoised, tanh_cdf=tanh_cdf, triton_path=triton_path)[0]
+
+
+def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction, variance, clip_denoised, tanh_cdf,
+                      triton_path):
+    """`vb_terms_bpd` on validated arguments, with the MSEs of x0_hat and eps_hat when `noise`
+    is given (see `reference.vb_terms_with_mse`; `elbo_bpd` calls it). The kernel's float32 erf
+    loses the decoder's far tails in float64, and dynamic thresholding is a per-sample
+    quantile: both run the reference, the latter in float64 and returned in float32."""
+    options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
+    if not triton_path or torch.float64 in (model_output.dtype, x0.dtype, x_t.dtype):
+        return reference.vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, **options)
+    if clip_denoised == "dynamic":
+        as64 = (None if x is None else x.double() for x in (model_output, x0, x_t, noise))
+        return tuple(None if x is None else x.float()
+                     for x in reference.vb_terms_with_mse(*as64, t, schedule, **options))
+    device = x_t.device
+    return vlb_kernel.vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule.kernel_table(device),
+                                        schedule.prediction_table(prediction, device), variance=variance,
+                                        clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
 
 
 def prior_bpd(x0, schedule):
@@ -213,6 +225,7 @@ def prior_bpd(x0, schedule):
 
 
 def _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised):
+    """The reverse-process ops' arguments; returns (t, whether the Triton kernels run)."""
     check_schedule(schedule)
     check_float(x_t, "x_t")
     check_choice(prediction, "prediction", PREDICTIONS)
@@ -227,7 +240,8 @@ def _check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_de
         check_choice(variance, "variance", VARIANCES)
         out_channels = 2 * channels if variance == "learned_range" else channels
         check_like(model_output, "model_output", x_t, "x_t", (x_t.shape[0], out_channels, *x_t.shape[2:]))
-    return check_timesteps(t, "t", x_t, schedule)
+    triton_path = use_triton(x_t)
+    return check_timesteps(t, "t", x_t, schedule, values=not triton_path), triton_path
 
 
 def _check_noise(noise, generator, x_t):
@@ -285,9 +299,6 @@ def _check_loss_options(schedule, prediction, weighting, reduction):
 
 # -- training and evaluation on the variational bound (math.md section 6) -----------------
 
-LOSS_TYPES = ("hybrid", "kl")
-
-
 def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
                 vlb_weight=None, reduction="mean", seed=None, loss="hybrid", variance="learned_range",
                 tanh_cdf=False, return_terms=False):
@@ -313,9 +324,9 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
         raise ValueError(f"loss='hybrid' trains a learned variance: variance must be 'learned_range', got {variance!r}")
     channels = 2 * x0.shape[1] if variance == "learned_range" else x0.shape[1]
     check_like(model_output, "model_output", x0, "x0", (x0.shape[0], channels, *x0.shape[2:]))
-    t = check_timesteps(t, "t", x0, schedule)
     _check_loss_options(schedule, prediction, weighting, reduction)
     triton_path = use_triton(x0)
+    t = check_timesteps(t, "t", x0, schedule, values=not triton_path)
     seed = _check_noise_or_seed(noise, seed, x0, triton_path)
     if vlb_weight is None:
         vlb_weight = schedule.num_timesteps / 1000.0 if loss == "hybrid" else float(schedule.num_timesteps)
@@ -326,10 +337,17 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     options = dict(prediction=prediction, weighting=weighting, gamma=gamma, vlb_weight=vlb_weight,
                    reduction=reduction, loss=loss, variance=variance, tanh_cdf=tanh_cdf, return_terms=return_terms)
-    if triton_path:
-        from fastddpm.kernels import hybrid
-        return hybrid.hybrid_loss(model_output, x0, noise, t, schedule, seed=seed, **options)
-    return reference.hybrid_loss(model_output, x0, noise, t, schedule, **options)
+    if not triton_path:
+        return reference.hybrid_loss(model_output, x0, noise, t, schedule, **options)
+    if torch.float64 in (model_output.dtype, x0.dtype, noise.dtype if noise is not None else None):
+        return reference.hybrid_loss(model_output, x0, _drawn_noise(x0, t, noise, seed, schedule), t, schedule,
+                                     **options)
+    device = x0.device
+    return hybrid_kernel.hybrid_loss(model_output, x0, noise, t, schedule.kernel_table(device),
+                                     schedule.prediction_table(prediction, device),
+                                     schedule.loss_weight_table(weighting, prediction, gamma, device), seed,
+                                     vlb_weight=vlb_weight, reduction=reduction, loss=loss, variance=variance,
+                                     tanh_cdf=tanh_cdf, return_terms=return_terms)
 
 
 def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False, timesteps=None,

@@ -8,9 +8,9 @@ from . import functional, reference
 from ._checks import check_choice, check_float, check_generator, check_like, check_schedule, draw_seed
 from .backend import use_triton
 from .elbo import LossSecondMomentSampler
-from .functional import REDUCTIONS, VARIANCES
 from .kernels import q_sample as q_sample_kernel
-from .schedule import KERNEL_ROWS, PREDICTIONS, WEIGHTINGS
+from .options import PREDICTIONS, REDUCTIONS, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
+from .schedule import KERNEL_ROWS
 
 SQRT_AB_ROW = KERNEL_ROWS.index("sqrt_alphas_cumprod")
 SQRT_1M_AB_ROW = KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod")
@@ -76,7 +76,7 @@ class DiffusionLoss(nn.Module):
         check_choice(variance, "variance", VARIANCES)
         check_choice(loss_type, "loss_type", ("mse", "kl"))
         if isinstance(timestep_sampler, str):
-            check_choice(timestep_sampler, "timestep_sampler", ("uniform", "loss-second-moment"))
+            check_choice(timestep_sampler, "timestep_sampler", TIMESTEP_SAMPLERS)
             timestep_sampler = None if timestep_sampler == "uniform" else LossSecondMomentSampler(schedule)
         elif not isinstance(timestep_sampler, LossSecondMomentSampler):
             raise TypeError("timestep_sampler must be 'uniform', 'loss-second-moment' or a LossSecondMomentSampler, "

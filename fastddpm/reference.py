@@ -10,8 +10,8 @@ import math
 
 import torch
 
-# Imagen's dynamic thresholding percentile, used when clip_denoised="dynamic".
-DYNAMIC_THRESHOLD_PERCENTILE = 0.995
+from .options import DYNAMIC_THRESHOLD_PERCENTILE
+
 
 
 def compute_dtype(x):
@@ -248,6 +248,21 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", varian
     decoder_nll = -discretized_gaussian_log_likelihood(
         _up(x0, x_t), mean, 0.5 * log_var, tanh_cdf=tanh_cdf).flatten(1).mean(1) / math.log(2.0)
     return torch.where(t == 0, decoder_nll, kl)
+
+
+def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="eps", variance="fixed_small",
+                      clip_denoised=False, tanh_cdf=False):
+    """(vb_terms_bpd, the MSE of x0_hat against x0, the MSE of eps_hat against the noise) per
+    sample: improved-diffusion's calc_bpd_loop statistics; the MSEs are None without noise."""
+    vb = vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
+                      clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
+    if noise is None:
+        return vb, None, None
+    mean_output, _ = split_model_output(model_output, x_t, variance)
+    x0_hat, eps_hat = x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
+    x0_mse = (x0_hat - _up(x0, x_t)).square().flatten(1).mean(1)
+    eps_mse = (eps_hat - _up(noise, x_t)).square().flatten(1).mean(1)
+    return vb, x0_mse, eps_mse
 
 
 def prior_bpd(x0, schedule):

@@ -18,10 +18,8 @@ from . import functional as F
 from . import reference
 from ._checks import FLOAT_DTYPES, check_choice, check_generator, check_schedule, draw_seed
 from .backend import use_triton
-from .functional import CLIP_OPTIONS, VARIANCES
-from .schedule import KERNEL_ROWS, PREDICTIONS, NoiseSchedule
-
-METHODS = ("ddpm", "ddim")
+from .options import CLIP_OPTIONS, METHODS, PREDICTIONS, VARIANCES
+from .schedule import KERNEL_ROWS, NoiseSchedule
 
 __all__ = ["sample", "space_timesteps", "respace", "eager_p_sample_step", "eager_ddim_step"]
 

@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from .options import PREDICTIONS, WEIGHTINGS
+
 # Rows of the float32 table the kernels gather from, in this order (see `kernel_table`).
 KERNEL_ROWS = (
     "sqrt_alphas_cumprod",
@@ -19,8 +21,11 @@ KERNEL_ROWS = (
     "fixed_large_log_variance",
 )
 
-WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")
-PREDICTIONS = ("eps", "x0", "v")
+# Rows of a prediction's float32 coefficient table (see `prediction_table`): x0_hat = x0_xt x_t +
+# x0_out out and eps_hat = eps_xt x_t + eps_out out for a model output `out`, and the training
+# target = target_eps eps + target_x0 x0.
+PREDICTION_ROWS = ("x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target_x0")
+
 
 
 class NoiseSchedule:
@@ -58,6 +63,7 @@ class NoiseSchedule:
         self.fixed_large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
         self.fixed_large_log_variance = self.fixed_large_variance.log()
         self._kernel_tables = {}
+        self._prediction_tables = {}
         self._weight_tables = {}
         # Filled now rather than inside a compiled step, where a new cache entry forces a recompile.
         for device in default_devices():
@@ -114,15 +120,32 @@ class NoiseSchedule:
 
     def kernel_table(self, device):
         """float32 copy of the KERNEL_ROWS tables on `device`, shape (len(KERNEL_ROWS), T); cached."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _table_device(device)
         table = self._kernel_tables.get(device)
         if table is None:
-            # Zero terminal SNR makes sqrt_recip_ab infinite at T-1: keep the float32 table finite.
-            rows = [torch.nan_to_num(getattr(self, name), posinf=3e38, neginf=-3e38) for name in KERNEL_ROWS]
-            table = torch.stack(rows).to(torch.float32).to(device).contiguous()
-            self._kernel_tables[device] = table
+            table = self._kernel_tables[device] = _float32_table([getattr(self, name) for name in KERNEL_ROWS], device)
+        return table
+
+    def prediction_table(self, prediction, device):
+        """float32 (len(PREDICTION_ROWS), T) coefficients of x0_hat, eps_hat and the training target
+        for a model predicting `prediction` (math.md section 4), on `device`; cached.
+
+        eps: x0_hat = sqrt_recip_ab x_t - sqrt_recipm1_ab out; x0: eps_hat = (x_t - sqrt_ab out) /
+        sqrt_1m_ab (finite where ab = 0); v: x0_hat = sqrt_ab x_t - sqrt_1m_ab out, eps_hat =
+        sqrt_1m_ab x_t + sqrt_ab out, target sqrt_ab eps - sqrt_1m_ab x0.
+        """
+        key = (prediction, _table_device(device))
+        table = self._prediction_tables.get(key)
+        if table is None:
+            zero, one = torch.zeros_like(self.betas), torch.ones_like(self.betas)
+            sqrt_ab, sqrt_1m_ab = self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod
+            rows = {
+                "eps": (self.sqrt_recip_alphas_cumprod, -self.sqrt_recipm1_alphas_cumprod, zero, one, one, zero),
+                "x0": (zero, one, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab, zero, one),
+                "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab, sqrt_ab, -sqrt_1m_ab),
+            }[prediction]
+            table = _float32_table(rows, key[1])
+            self._prediction_tables[key] = table
         return table
 
     def loss_weights(self, weighting="simple", prediction="eps", gamma=5.0):
@@ -188,6 +211,21 @@ class NoiseSchedule:
 
     def __repr__(self):
         return f"NoiseSchedule(T={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, beta[-1]={self.betas[-1].item():.3g})"
+
+
+def _table_device(device):
+    """`device` as a torch.device with its index (the current GPU's for a bare "cuda")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _float32_table(rows, device):
+    """float64 rows stacked into a contiguous float32 table on `device`; zero terminal SNR makes
+    sqrt_recip_ab infinite at T-1, which is kept finite (3e38)."""
+    rows = [torch.nan_to_num(row, posinf=3e38, neginf=-3e38) for row in rows]
+    return torch.stack(rows).to(torch.float32).to(device).contiguous()
 
 
 def default_devices():

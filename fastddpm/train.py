@@ -30,16 +30,13 @@ import torch.distributed as dist
 
 from .data import BatchSampler, load_images, train_test_split
 from .loss import DiffusionLoss
-from .schedule import PREDICTIONS, WEIGHTINGS, NoiseSchedule
+from .options import METHODS, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
+from .schedule import NoiseSchedule
 from .train_step import TrainStep
 from .unet import PRESETS, UNet, compile_unet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-SCHEDULES = ("linear", "cosine")
-SAMPLE_METHODS = ("ddpm", "ddim")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 CONFIDENT = 0.9  # a sample counts as a recognisable digit if the classifier gives it this probability
 
 
@@ -97,7 +94,7 @@ class TrainConfig:
                                      ("weighting", self.weighting, WEIGHTINGS),
                                      ("variance", self.variance, VARIANCES),
                                      ("timestep-sampler", self.timestep_sampler, TIMESTEP_SAMPLERS),
-                                     ("sample-method", self.sample_method, SAMPLE_METHODS)):
+                                     ("sample-method", self.sample_method, METHODS)):
             if value not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
         if self.compile and self.timestep_sampler != "uniform":

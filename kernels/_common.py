@@ -230,3 +230,11 @@ def finish_reduction(partial_ptr, out_ptr, counter_ptr, PER_SAMPLE: tl.constexpr
         if not PER_SAMPLE:
             tl.store(out_ptr, total)
         tl.atomic_xchg(counter_ptr, 0)
+
+
+def eager(*tensors):
+    """True where a call may launch its kernel directly, skipping its custom op: eager mode (not
+    traced by torch.compile) with no gradient to record for any of `tensors` (None allowed)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in tensors)

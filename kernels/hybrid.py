@@ -29,12 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm import reference
-
-from ._common import (SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      load_model_output, model_output_offsets, sample_offsets, standard_normal)
-from .vlb import (FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, prediction_table,
-                  vb_element)
+from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
+                      load_model_output, load_timestep, model_output_offsets, sample_offsets, standard_normal)
+from .vlb import FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, vb_element
 
 
 
@@ -45,7 +42,7 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
                     HYBRID: tl.constexpr, LEARNED: tl.constexpr, DRAW_NOISE: tl.constexpr, TANH_CDF: tl.constexpr,
                     COMPUTE_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    t = tl.load(t_ptr + sample)
+    t = load_timestep(t_ptr, sample, T)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
     if DRAW_NOISE:
         eps = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
@@ -89,7 +86,7 @@ def vlb_loss_forward(model_output, x0, noise, t, table, pred_table, mse_weights,
         grad if compute_grad else partials, float(vlb_weight),
         per_sample, table.shape[1], C, HW, grid[0], fixed_log_var_row,
         HYBRID=hybrid, LEARNED=learned, DRAW_NOISE=draw, TANH_CDF=tanh_cdf, COMPUTE_GRAD=compute_grad,
-        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps)
+        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
     sums = partials.sum(2)
     vb = sums[0] / (per_sample * LN2)
     mse = sums[1] / per_sample
@@ -136,32 +133,18 @@ def _backward(ctx, grad_loss, grad_mse, grad_vb, grad_grad):
 vlb_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
-                vlb_weight, reduction="mean", seed=None, loss="hybrid", variance="learned_range", tanh_cdf=False,
-                return_terms=False):
-    """The kernel path of `fastddpm.functional.hybrid_loss` (arguments validated there).
-
-    Float64 inputs run `reference.hybrid_loss` (with the seeded noise drawn once)."""
-    options = dict(prediction=prediction, weighting=weighting, gamma=gamma, vlb_weight=vlb_weight, reduction=reduction,
-                   loss=loss, variance=variance, tanh_cdf=tanh_cdf, return_terms=return_terms)
-    if torch.float64 in (model_output.dtype, x0.dtype, noise.dtype if noise is not None else None):
-        if noise is None:
-            x0_layout, x0_channels_last = kernel_layout(x0)
-            _, noise = torch.ops.fastddpm.q_sample(x0_layout, t, None, schedule.kernel_table(x0.device), seed,
-                                                   x0_channels_last, True)
-        return reference.hybrid_loss(model_output, x0, noise, t, schedule, **options)
+def hybrid_loss(model_output, x0, noise, t, table, pred_table, mse_weights, seed, *, vlb_weight, reduction, loss,
+                variance, tanh_cdf, return_terms):
+    """The kernel path of `fastddpm.functional.hybrid_loss` on validated float32 / half tensors:
+    `table`, `pred_table` and `mse_weights` the schedule's kernel, prediction and loss-weight tables."""
     model_output, channels_last = kernel_layout(model_output)
-    if model_output.ndim != 4:
-        channels_last = False
+    channels_last = channels_last and model_output.ndim == 4
     x0, noise = like_layout(x0, channels_last), like_layout(noise, channels_last)
-    device = x0.device
-    hybrid, learned = loss == "hybrid", variance == "learned_range"
-    mse_weights = schedule.loss_weight_table(weighting, prediction, gamma, device)
     compute_grad = torch.is_grad_enabled() and model_output.requires_grad
     per_sample, mse, vb, _ = vlb_loss_op(
-        model_output, x0, noise, t, schedule.kernel_table(device), prediction_table(schedule, prediction, device),
-        mse_weights, seed if seed is not None else t.new_empty(0), float(vlb_weight), hybrid, learned,
-        FIXED_LOG_VARIANCE_ROWS[variance], bool(tanh_cdf), channels_last, compute_grad)
+        model_output, x0, noise, t, table, pred_table, mse_weights, seed if seed is not None else t.new_empty(0),
+        float(vlb_weight), loss == "hybrid", variance == "learned_range", FIXED_LOG_VARIANCE_ROWS[variance],
+        bool(tanh_cdf), channels_last, compute_grad)
     if reduction == "mean":
         per_sample = per_sample.mean()
     elif reduction == "sum":

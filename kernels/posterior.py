@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm import reference
-from fastddpm._checks import draw_seed
+from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 
-from ._common import (AB, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
-                      SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, kernel_layout,
-                      launch_config, like_layout, model_output_offsets, sample_offsets, standard_normal)
+from ._common import (AB, CHECKED, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
+                      SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, eager, kernel_layout,
+                      launch_config, like_layout, load_timestep, model_output_offsets, sample_offsets,
+                      standard_normal)
 
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
@@ -110,7 +110,7 @@ def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale
     Fixed variances gather their log variance from table row `variance_row`.
     """
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    t = tl.load(t_ptr + sample)
+    t = load_timestep(t_ptr, sample, T)
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED_RANGE, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
@@ -140,8 +140,10 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
                 STORE_X0: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """One DDIM step from t to t_prev (per sample); a 2C-channel output's variance half is skipped."""
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    t = tl.load(t_ptr + sample)
+    t = load_timestep(t_ptr, sample, T)
     t_prev = tl.load(t_prev_ptr + sample)
+    tl.device_assert((t_prev >= -1) & (t_prev < T), "t_prev must lie in [-1, T): -1 for the last step")
+    t_prev = tl.minimum(t_prev, T - 1)
     out_offs, _ = model_output_offsets(sample, offs, D, C, WIDE_OUTPUT, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
@@ -189,7 +191,7 @@ def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction
         x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction],
         FIXED_LOG_VARIANCE_ROWS.get(variance, LOG_VAR_CLIPPED.value),
         CLIP=CLIP_IDS[clip], LEARNED_RANGE=learned, ADD_NOISE=add_noise, DRAW_NOISE=draw, STORE_X0=store_x0,
-        STORE_VARIANCE=store_variance, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps)
+        STORE_VARIANCE=store_variance, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
     return out, x0_hat, log_var, var
 
 
@@ -207,7 +209,7 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
         x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
         CLIP=CLIP_IDS[clip], WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], ADD_NOISE=add_noise,
         DRAW_NOISE=add_noise and noise is None, STORE_X0=store_x0, CHANNELS_LAST=channels_last,
-        BLOCK=block, num_warps=num_warps)
+        BLOCK=block, num_warps=num_warps, **CHECKED)
     return out, x0_hat
 
 
@@ -220,7 +222,7 @@ def dynamic_scale(model_output, x_t, t, table, prediction, channels_last):
     variance = "learned_range" if model_output.shape[1] == 2 * x_t.shape[1] else "fixed_small"
     _, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, None, None, None, prediction, variance, "none",
                                        channels_last, add_noise=False, store_x0=True, x0_dtype=torch.float32)
-    s = torch.quantile(x0_hat.abs().flatten(1), reference.DYNAMIC_THRESHOLD_PERCENTILE, dim=1)
+    s = torch.quantile(x0_hat.abs().flatten(1), DYNAMIC_THRESHOLD_PERCENTILE, dim=1)
     return s.clamp(min=1.0).contiguous()
 
 
@@ -323,7 +325,7 @@ p_mean_variance_op.register_autograd(_p_mean_variance_backward, setup_context=_p
 
 @torch.library.custom_op("fastddpm::p_sample_step", mutates_args=())
 def p_sample_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor | None, seed: torch.Tensor, prediction: str, variance: str, clip: str,
+                     noise: torch.Tensor | None, seed: torch.Tensor | None, prediction: str, variance: str, clip: str,
                      channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
     x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction, variance,
@@ -338,7 +340,7 @@ def _(model_output, x_t, t, table, noise, seed, prediction, variance, clip, chan
 
 @torch.library.custom_op("fastddpm::ddim_step", mutates_args=())
 def ddim_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                 table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor, prediction: str, eta: float,
+                 table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, prediction: str, eta: float,
                  clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
     return ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
@@ -350,7 +352,15 @@ def _(model_output, x_t, t, t_prev, table, noise, seed, prediction, eta, clip, c
     return torch.empty_like(x_t), _empty(x_t, store_x0)
 
 
-# -- entry points of fastddpm.functional (validated inputs) ----------------------------------
+# -- entry points of fastddpm.functional (validated inputs, kernel tables and seeds given) ------
+#
+# Eager calls that need no autograd launch the kernels directly; under torch.compile, or with
+# gradients, they go through the custom ops (about 11 µs more host time a call).
+
+
+def _gather(table, row, t, like):
+    """table[row][t] as a (B, 1, …, 1) float32 tensor; `row` an int or a row constant."""
+    return table[getattr(row, "value", row)][t].reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _clip_name(clip_denoised):
@@ -359,60 +369,67 @@ def _clip_name(clip_denoised):
     return "clip" if clip_denoised else "none"
 
 
-def _gather(table, row, t, like):
-    """table[row][t] as a (B, 1, …, 1) float32 tensor; `row` an int or a row constant."""
-    return table[getattr(row, "value", row)][t].reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _seed(noise, seed, generator, device, needed=True):
-    """The Philox seed tensor: the given one, a fresh one when noise is drawn, else an unused empty."""
-    if noise is not None or not needed:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    return seed if seed is not None else draw_seed(device, generator)
-
-
-def q_posterior(x0, x_t, t, schedule):
+def q_posterior(x0, x_t, t, table):
     """(mean, variance, log_variance) of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1) gathers."""
     x_t, channels_last = kernel_layout(x_t)
-    table = schedule.kernel_table(x_t.device)
-    t = t.contiguous()
-    mean = torch.ops.fastddpm.q_posterior_mean(like_layout(x0, channels_last), x_t, t, table, channels_last)
+    x0 = like_layout(x0, channels_last)
+    if eager(x0, x_t):
+        mean = p_sample_forward(x0, x_t, t, table, None, None, None, "x0", "fixed_small", "none", channels_last,
+                                add_noise=False, store_x0=False)[0]
+    else:
+        mean = q_posterior_mean_op(x0, x_t, t, table, channels_last)
     return (mean, _gather(table, POSTERIOR_VARIANCE, t, x_t).to(x_t.dtype),
             _gather(table, LOG_VAR_CLIPPED, t, x_t).to(x_t.dtype))
 
 
-def p_mean_variance(model_output, x_t, t, schedule, *, prediction, variance, clip_denoised):
+def p_mean_variance(model_output, x_t, t, table, *, prediction, variance, clip_denoised):
     """(mean, variance, log_variance, x0_hat); the variances are full-shape for learned_range, else (B, 1, …, 1)."""
     x_t, channels_last = kernel_layout(x_t)
-    table = schedule.kernel_table(x_t.device)
-    t = t.contiguous()
-    mean, x0_hat, log_var, var = torch.ops.fastddpm.p_mean_variance(
-        like_layout(model_output, channels_last), x_t, t, table, prediction, variance, _clip_name(clip_denoised),
-        channels_last)
+    model_output = like_layout(model_output, channels_last)
+    clip = _clip_name(clip_denoised)
+    if eager(model_output, x_t):
+        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+        mean, x0_hat, log_var, var = p_sample_forward(model_output, x_t, t, table, None, None, scale, prediction,
+                                                      variance, clip, channels_last, add_noise=False, store_x0=True,
+                                                      store_variance=True)
+    else:
+        mean, x0_hat, log_var, var = p_mean_variance_op(model_output, x_t, t, table, prediction, variance, clip,
+                                                        channels_last)
     if variance != "learned_range":
         log_var = _gather(table, FIXED_LOG_VARIANCE_ROWS[variance], t, x_t)
         var, log_var = log_var.exp().to(x_t.dtype), log_var.to(x_t.dtype)
     return mean, var, log_var, x0_hat
 
 
-def p_sample_step(model_output, x_t, t, schedule, *, noise, generator, prediction, variance, clip_denoised,
-                  seed=None, return_x0_hat=False):
-    """x_{t-1} (and x0_hat with return_x0_hat); noise drawn in the kernel when `noise` is None."""
+def p_sample_step(model_output, x_t, t, table, noise, seed, *, prediction, variance, clip_denoised,
+                  return_x0_hat=False):
+    """x_{t-1} (and x0_hat with return_x0_hat); z drawn in the kernel from `seed` when `noise` is None."""
     x_t, channels_last = kernel_layout(x_t)
-    x_prev, x0_hat = torch.ops.fastddpm.p_sample_step(
-        like_layout(model_output, channels_last), x_t, t.contiguous(), schedule.kernel_table(x_t.device),
-        like_layout(noise, channels_last), _seed(noise, seed, generator, x_t.device), prediction, variance,
-        _clip_name(clip_denoised), channels_last, return_x0_hat)
+    model_output, noise = like_layout(model_output, channels_last), like_layout(noise, channels_last)
+    clip = _clip_name(clip_denoised)
+    if eager(model_output, x_t, noise):
+        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+        x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction,
+                                                variance, clip, channels_last, add_noise=True,
+                                                store_x0=return_x0_hat)
+    else:
+        x_prev, x0_hat = p_sample_step_op(model_output, x_t, t, table, noise, seed, prediction, variance, clip,
+                                          channels_last, return_x0_hat)
     return (x_prev, x0_hat) if return_x0_hat else x_prev
 
 
-def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta, noise, generator, prediction, clip_denoised,
-              seed=None, return_x0_hat=False):
-    """x_prev (and x0_hat with return_x0_hat); for eta > 0 noise drawn in the kernel when `noise` is None."""
+def ddim_step(model_output, x_t, t, t_prev, table, noise, seed, *, eta, prediction, clip_denoised,
+              return_x0_hat=False):
+    """x_prev (and x0_hat with return_x0_hat); for eta > 0, z drawn in the kernel from `seed` when `noise` is None."""
     x_t, channels_last = kernel_layout(x_t)
-    x_prev, x0_hat = torch.ops.fastddpm.ddim_step(
-        like_layout(model_output, channels_last), x_t, t.contiguous(), t_prev.contiguous(),
-        schedule.kernel_table(x_t.device), like_layout(noise, channels_last) if eta != 0 else None,
-        _seed(noise, seed, generator, x_t.device, needed=eta != 0), prediction, float(eta),
-        _clip_name(clip_denoised), channels_last, return_x0_hat)
+    model_output = like_layout(model_output, channels_last)
+    noise = like_layout(noise, channels_last) if eta != 0 else None
+    clip = _clip_name(clip_denoised)
+    if eager(model_output, x_t, noise):
+        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
+        x_prev, x0_hat = ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
+                                      channels_last, return_x0_hat)
+    else:
+        x_prev, x0_hat = ddim_step_op(model_output, x_t, t, t_prev, table, noise, seed, prediction, float(eta), clip,
+                                      channels_last, return_x0_hat)
     return (x_prev, x0_hat) if return_x0_hat else x_prev

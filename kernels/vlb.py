@@ -24,30 +24,24 @@ computed on the tail side of the mean, where it is a difference of two small num
 `tanh_cdf=True` uses improved-diffusion's approximation 0.5 (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3))).
 """
 import math
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from fastddpm import reference
-from fastddpm.schedule import KERNEL_ROWS
+from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
 
-from ._common import (COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_RECIPM1_AB, SQRT_RECIP_AB, kernel_layout,
-                      launch_config, like_layout, load_model_output, model_output_offsets, sample_offsets)
+from ._common import (CHECKED, COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_1M_AB, SQRT_AB, eager, kernel_layout,
+                      launch_config, like_layout, load_model_output, load_timestep, model_output_offsets,
+                      sample_offsets)
 
 FIXED_LOG_VARIANCE_ROWS = {"fixed_small": KERNEL_ROWS.index("posterior_log_variance_clipped"),
                            "fixed_large": KERNEL_ROWS.index("fixed_large_log_variance"),
                            "learned_range": KERNEL_ROWS.index("posterior_log_variance_clipped")}
 
-# Rows of `prediction_table`: x0_hat = X0_XT x_t + X0_OUT out, eps_hat = EPS_XT x_t + EPS_OUT out,
-# training target = TARGET_EPS eps + TARGET_X0 x0.
-X0_XT = tl.constexpr(0)
-X0_OUT = tl.constexpr(1)
-EPS_XT = tl.constexpr(2)
-EPS_OUT = tl.constexpr(3)
-TARGET_EPS = tl.constexpr(4)
-TARGET_X0 = tl.constexpr(5)
+# Rows of the schedule's `prediction_table` (fastddpm.schedule.PREDICTION_ROWS).
+X0_XT, X0_OUT, EPS_XT, EPS_OUT, TARGET_EPS, TARGET_X0 = (tl.constexpr(PREDICTION_ROWS.index(name)) for name in (
+    "x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target_x0"))
 
 HALF_BIN = tl.constexpr(1.0 / 255.0)
 LOG_MASS_FLOOR = tl.constexpr(1e-12)
@@ -57,34 +51,6 @@ SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 TANH_CUBIC = tl.constexpr(0.044715)
 INV_LN2 = tl.constexpr(1.0 / math.log(2.0))
 LN2 = math.log(2.0)
-
-_prediction_tables = weakref.WeakKeyDictionary()
-
-
-def prediction_table(schedule, prediction, device):
-    """float32 (6, T) coefficients of x0_hat, eps_hat and the training target for `prediction`; cached.
-
-    Built in float64 from the schedule (math.md section 4): eps: x0_hat = sqrt_recip_ab x_t -
-    sqrt_recipm1_ab out; x0: x0_hat = out; v: x0_hat = sqrt_ab x_t - sqrt_1m_ab out,
-    eps_hat = sqrt_1m_ab x_t + sqrt_ab out, target sqrt_ab eps - sqrt_1m_ab x0.
-    """
-    device = torch.device(device)
-    per_schedule = _prediction_tables.setdefault(schedule, {})
-    table = per_schedule.get((prediction, device))
-    if table is None:
-        zero, one = torch.zeros_like(schedule.betas), torch.ones_like(schedule.betas)
-        sqrt_ab, sqrt_1m_ab = schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod
-        recip, recipm1 = schedule.sqrt_recip_alphas_cumprod, schedule.sqrt_recipm1_alphas_cumprod
-        rows = {
-            "eps": (recip, -recipm1, zero, one, one, zero),
-            "x0": (zero, one, recip / recipm1, -1.0 / recipm1, zero, one),
-            "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab, sqrt_ab, -sqrt_1m_ab),
-        }[prediction]
-        # Zero terminal SNR makes sqrt_recip_ab infinite at T-1: keep the float32 table finite.
-        table = torch.nan_to_num(torch.stack(rows), posinf=3e38, neginf=-3e38).to(device, torch.float32).contiguous()
-        per_schedule[(prediction, device)] = table
-    return table
-
 
 # -- device functions shared with kernels/hybrid.py ------------------------------------------
 
@@ -203,7 +169,7 @@ def vb_terms_kernel(out_ptr, x0_ptr, x_t_ptr, noise_ptr, t_ptr, table_ptr, pred_
                     LEARNED: tl.constexpr, CLIP: tl.constexpr, TANH_CDF: tl.constexpr, WITH_MSE: tl.constexpr,
                     COMPUTE_GRAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    t = tl.load(t_ptr + sample)
+    t = load_timestep(t_ptr, sample, T)
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED, CHANNELS_LAST)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
     x_t = tl.load(x_t_ptr + base + offs, mask=mask).to(tl.float32)
@@ -217,22 +183,22 @@ def vb_terms_kernel(out_ptr, x0_ptr, x_t_ptr, noise_ptr, t_ptr, table_ptr, pred_
         if LEARNED:
             tl.store(grad_ptr + out_offs + variance_shift, (scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
     else:
+        # partial sums of the per-sample means (the 1/D and the nats-to-bits 1/log 2 folded in)
         partial = partial_ptr + sample * n_blocks + tl.program_id(0)
-        tl.store(partial, tl.sum(tl.where(mask, term, 0.0), axis=0))
+        tl.store(partial, tl.sum(tl.where(mask, term, 0.0), axis=0) * INV_LN2 / D)
         if WITH_MSE:
             noise = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
             if CLIP:
-                # eps_hat follows the clipped x0_hat
-                eps_hat = (tl.load(table_ptr + SQRT_RECIP_AB * T + t) * x_t - x0_hat) \
-                    / tl.load(table_ptr + SQRT_RECIPM1_AB * T + t)
+                # eps_hat follows the clipped x0_hat: (x_t - sqrt_ab x0_hat) / sqrt_1m_ab, finite where ab = 0
+                eps_hat = (x_t - tl.load(table_ptr + SQRT_AB * T + t) * x0_hat) / tl.load(table_ptr + SQRT_1M_AB * T + t)
             else:
                 eps_hat = tl.load(pred_table_ptr + EPS_XT * T + t) * x_t \
                     + tl.load(pred_table_ptr + EPS_OUT * T + t) * mean_out
             x0_err = tl.where(mask, x0_hat - x0, 0.0)
             eps_err = tl.where(mask, eps_hat - noise, 0.0)
             stride = tl.num_programs(1) * n_blocks
-            tl.store(partial + stride, tl.sum(x0_err * x0_err, axis=0))
-            tl.store(partial + 2 * stride, tl.sum(eps_err * eps_err, axis=0))
+            tl.store(partial + stride, tl.sum(x0_err * x0_err, axis=0) / D)
+            tl.store(partial + 2 * stride, tl.sum(eps_err * eps_err, axis=0) / D)
 
 
 def _launch(model_output, x0, x_t, noise, t, table, pred_table, grad_scale, learned, fixed_log_var_row, clip,
@@ -250,10 +216,11 @@ def _launch(model_output, x0, x_t, noise, t, table, pred_table, grad_scale, lear
         grad_scale if compute_grad else partials, grad,
         per_sample, table.shape[1], channels, grid[0], fixed_log_var_row,
         LEARNED=learned, CLIP=clip, TANH_CDF=tanh_cdf, WITH_MSE=with_mse, COMPUTE_GRAD=compute_grad,
-        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps)
+        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
     if compute_grad:
         return grad
-    return partials[0].sum(1) / (per_sample * LN2), partials[1:].sum(2) / per_sample
+    # vb in bits/dim (B,) and the two MSEs (2 or 0, B), separate tensors (a custom op's outputs never alias)
+    return partials[0].sum(1), partials[1:].sum(2)
 
 
 def vb_terms_forward(model_output, x0, x_t, noise, t, table, pred_table, learned, fixed_log_var_row, clip,
@@ -294,6 +261,8 @@ def _(model_output, x0, x_t, noise, t, table, pred_table, learned, fixed_log_var
 
 def _setup_context(ctx, inputs, output):
     model_output, x0, x_t, _, t, table, pred_table, *flags = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the statistics
     ctx.save_for_backward(model_output, x0, x_t, t, table, pred_table)
     ctx.flags = flags
 
@@ -310,58 +279,16 @@ def _backward(ctx, grad_vb, grad_stats):
 vb_terms_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(model_output, x0, x_t, noise, schedule, prediction):
-    """Kernel-layout tensors (the model output's layout), tables."""
+def vb_terms_with_mse(model_output, x0, x_t, noise, t, table, pred_table, *, variance, clip_denoised, tanh_cdf):
+    """(vb bits/dim, x0_hat MSE, eps_hat MSE) per sample, float32: the three statistics of
+    improved-diffusion's calc_bpd_loop in one pass; `noise=None` skips the MSEs (None). Validated
+    float32 / half tensors, clip_denoised False or True; `pred_table` the schedule's prediction table."""
     model_output, channels_last = kernel_layout(model_output)
-    if model_output.ndim != 4:
-        channels_last = False
+    channels_last = channels_last and model_output.ndim == 4
     x0, x_t, noise = (like_layout(x, channels_last) for x in (x0, x_t, noise))
-    device = x0.device
-    return model_output, x0, x_t, noise, channels_last, schedule.kernel_table(device), \
-        prediction_table(schedule, prediction, device)
-
-
-def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="eps", variance="fixed_small",
-                      clip_denoised=False, tanh_cdf=False):
-    """(vb bits/dim, x0_hat MSE, eps_hat MSE) per sample: the three statistics of calc_bpd_loop in one pass.
-
-    `noise=None` skips the MSEs (returned as None). Arguments validated by the caller. Float64
-    inputs run the reference; so does clip_denoised="dynamic" (a per-sample quantile), in float64
-    (float32 erf loses the decoder's tails), returning float32.
-    """
-    if torch.float64 in (model_output.dtype, x0.dtype, x_t.dtype):
-        return reference_vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, prediction=prediction,
-                                           variance=variance, clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
-    if clip_denoised == "dynamic":
-        results = reference_vb_terms_with_mse(
-            model_output.double(), x0.double(), x_t.double(), None if noise is None else noise.double(), t, schedule,
-            prediction=prediction, variance=variance, clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
-        return tuple(None if x is None else x.float() for x in results)
-    model_output, x0, x_t, noise, channels_last, table, pred_table = _prepare(model_output, x0, x_t, noise,
-                                                                              schedule, prediction)
-    vb, stats = vb_terms_op(model_output, x0, x_t, noise, t, table, pred_table, variance == "learned_range",
-                            FIXED_LOG_VARIANCE_ROWS[variance], bool(clip_denoised), bool(tanh_cdf), channels_last)
+    args = (model_output, x0, x_t, noise, t, table, pred_table, variance == "learned_range",
+            FIXED_LOG_VARIANCE_ROWS[variance], bool(clip_denoised), bool(tanh_cdf), channels_last)
+    vb, stats = vb_terms_forward(*args) if eager(model_output) else vb_terms_op(*args)
     if noise is None:
         return vb, None, None
     return vb, stats[0], stats[1]
-
-
-def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False,
-                 tanh_cdf=False):
-    """The kernel path of `fastddpm.functional.vb_terms_bpd` (arguments validated there): float32 (B,)."""
-    return vb_terms_with_mse(model_output, x0, x_t, None, t, schedule, prediction=prediction, variance=variance,
-                             clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)[0]
-
-
-def reference_vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="eps",
-                                variance="fixed_small", clip_denoised=False, tanh_cdf=False):
-    """`vb_terms_with_mse` computed by fastddpm.reference (eps_hat follows the processed x0_hat)."""
-    vb = reference.vb_terms_bpd(model_output, x0, x_t, t, schedule, prediction=prediction, variance=variance,
-                                clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
-    if noise is None:
-        return vb, None, None
-    mean_output, _ = reference.split_model_output(model_output, x_t, variance)
-    x0_hat, eps_hat = reference.x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
-    x0_mse = (x0_hat - reference._up(x0, x_t)).square().flatten(1).mean(1)
-    eps_mse = (eps_hat - reference._up(noise, x_t)).square().flatten(1).mean(1)
-    return vb, x0_mse, eps_mse

@@ -90,11 +90,10 @@ def test_vb_terms_gradient_matches_reference_autograd(triton_backend, prediction
 def test_mse_statistics_of_the_bpd_loop(triton_backend, clip):
     for prediction in PREDICTIONS:
         output, x0, x_t, noise, t = make_inputs((3, 3, 4, 5), prediction=prediction, variance="learned_range")
-        vb, x0_mse, eps_mse = vlb.vb_terms_with_mse(output, x0, x_t, noise, t, SCHEDULE, prediction=prediction,
-                                                    variance="learned_range", clip_denoised=clip)
-        exact = vlb.reference_vb_terms_with_mse(output.double(), x0.double(), x_t.double(), noise.double(), t,
-                                                SCHEDULE, prediction=prediction, variance="learned_range",
-                                                clip_denoised=clip)
+        options = dict(prediction=prediction, variance="learned_range", clip_denoised=clip, tanh_cdf=False)
+        vb, x0_mse, eps_mse = F.vb_terms_with_mse(output, x0, x_t, noise, t, SCHEDULE, triton_path=True, **options)
+        exact = R.vb_terms_with_mse(output.double(), x0.double(), x_t.double(), noise.double(), t, SCHEDULE,
+                                    **options)
         for actual, expected in zip((vb, x0_mse, eps_mse), exact):
             torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-6)
 
@@ -331,7 +330,7 @@ def test_hybrid_loss_float64_runs_the_reference(triton_backend):
 
 def test_opcheck(triton_backend):
     output, x0, x_t, noise, t = make_inputs((2, 2, 4, 4), variance="learned_range")
-    table, pred_table = SCHEDULE.kernel_table("cpu"), vlb.prediction_table(SCHEDULE, "eps", "cpu")
+    table, pred_table = SCHEDULE.kernel_table("cpu"), SCHEDULE.prediction_table("eps", "cpu")
     row = vlb.FIXED_LOG_VARIANCE_ROWS["learned_range"]
     torch.library.opcheck(torch.ops.fastddpm.vb_terms_bpd,
                           (output.requires_grad_(), x0, x_t, noise, t, table, pred_table, True, row, False, False,

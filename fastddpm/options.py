@@ -1,0 +1,15 @@
+"""Every option vocabulary of the API, once: the functional ops, the modules, the samplers, the
+CLI and the kernels all check against and document these names."""
+
+PREDICTIONS = ("eps", "x0", "v")  # what the model predicts (math.md section 4)
+WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")  # loss weights over t (math.md section 5)
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the reverse step's variance
+REDUCTIONS = ("mean", "sum", "none")  # over the batch
+CLIP_OPTIONS = (False, True, "dynamic")  # clip_denoised: none, [-1, 1], Imagen's dynamic threshold
+LOSS_TYPES = ("hybrid", "kl")  # training on the bound: improved DDPM's hybrid loss, or the rescaled KL
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")  # how a training step draws t
+METHODS = ("ddpm", "ddim")  # sampling methods
+STRATA = ("log", "equal")  # strata of the ELBO's K-sample estimate
+SCHEDULES = ("linear", "cosine")  # schedules the command line builds by name
+
+DYNAMIC_THRESHOLD_PERCENTILE = 0.995  # Imagen's percentile of |x0_hat| for clip_denoised="dynamic"
