@@ -45,10 +45,6 @@ def _checked_launch_options():
     return {"debug": True, **({"sanitize_overflow": False} if "sanitize_overflow" in fields else {})}
 
 
-# Every kernel that gathers by a caller's timestep is launched with these options.
-CHECKED = _checked_launch_options()
-
-
 def _enable_interpreter_asserts():
     """Triton's interpreter builds every kernel without debug, so `tl.device_assert` would
     never fire there: turn asserts on, overflow sanitizing off (as CHECKED does on GPUs)."""
@@ -56,12 +52,17 @@ def _enable_interpreter_asserts():
 
     options = interpreter.interpreter_builder.options
     fields = {field.name for field in dataclasses.fields(options)}
-    changes = {name: value for name, value in CHECKED.items() if name in fields}
+    changes = {name: value for name, value in (("debug", True), ("sanitize_overflow", False)) if name in fields}
     interpreter.interpreter_builder.options = dataclasses.replace(options, **changes)
 
 
+# Every kernel that gathers by a caller's timestep is launched with these options. The
+# interpreter takes no such launch options (Triton 3.2 rejects them): it gets its asserts here.
 if interpreting():
     _enable_interpreter_asserts()
+    CHECKED = {}
+else:
+    CHECKED = _checked_launch_options()
 
 
 def kernel_layout(x):
