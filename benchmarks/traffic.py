@@ -3,30 +3,34 @@
 `count(fn, numel)` calls `fn()` once to warm up (cached tables, first-call work), then counts
 a second call. Needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported) for
 the kernels; the paths themselves pick the backend ("triton" for fastddpm's kernels).
+`python -m fastddpm.benchmarks.traffic` prints the table of every hot path (benchmarks/paths.py).
 
 - Triton: every grid launch (`GridExecutor.__call__`) is one launch, whatever the grid; every
   load and store moves (elements whose mask is true) x element size bytes
   (`InterpreterBuilder.create_masked_load/store`; unmasked and scalar `tl.load`s come through
-  `create_load`/`create_store`, counted once), an atomic a read and a write; block-pointer and
-  tensor-descriptor accesses are not modelled and raise.
-- ATen: a TorchDispatchMode sees every op (autograd's backward included: its `ones_like` seed,
+  `create_load`/`create_store`, counted once, once per program), an atomic a read and a write;
+  block-pointer and tensor-descriptor accesses are not modelled and raise.
+- ATen: a TorchDispatchMode sees every op, autograd's backward included (its `ones_like` seed,
   the zeros it materialises for outputs without gradient). An op launches a kernel if it writes
-  a tensor that is not empty (views, `empty*`, `set_`, `resize_` do not), or is `_assert_async`;
-  its bytes are the memory it reads and writes (each tensor's distinct addresses: an expanded
-  (B, 1, 1, 1) coefficient costs B elements; an in-place op reads and writes its target; fills,
-  RNG and copies only write it). ATen ops that launch two kernels on CUDA are modelled from
-  ATen's source (`CUDA_EXTRA`). Ops inside `torch.library.custom_op`s (fastddpm::*) are counted,
-  the custom op itself is not a launch. `_local_scalar_dense` (`.item()`) and `nonzero` of a
-  device tensor count as host syncs.
+  a tensor that is not empty (views, `empty*`, `set_`, `resize_` do not), or is `_assert_async`.
+  Its bytes: what it reads and writes, each tensor at its distinct addresses (an expanded
+  (B, 1, 1, 1) coefficient reads B elements); an in-place op reads and writes its target, fills,
+  RNG and copies only write it, `*_like` factories do not read their input, a gather reads only
+  the elements it gathers. ATen ops that launch two kernels on CUDA are modelled from ATen's
+  source (`CUDA_EXTRA`). Ops outside the aten namespace are custom ops (fastddpm::*): not a
+  launch themselves, the ops of their implementation are counted. `_local_scalar_dense`
+  (`.item()`) and `nonzero` of a device tensor count as host syncs.
 - Host tensors: on a GPU, diffusers' scheduler keeps its tables on the CPU and its per-step
-  scalar math runs there, launching nothing. Tensors given as `host=` (and everything computed
-  from host tensors only) are host tensors: such ops are not counted, and a host scalar in a
-  device op is a kernel argument, not traffic.
-- t's range check (`fastddpm._checks.check_timesteps`) checks exactly on the host for CPU
-  tensors, and with an asynchronous device assert (ge, lt, and, all, _assert_async) on GPUs
-  and under torch.compile. While counting, `fastddpm._checks` sees `torch.compiler.is_compiling()`
-  as True (its `torch` name is swapped for a view of torch), so it takes the GPU's branch;
-  nothing else changes.
+  scalar math runs there, launching nothing. Tensors given as `host=`, data made from Python
+  numbers (`torch.tensor`) and what is computed from host tensors only are host tensors: their
+  ops are not counted; a 0-d one in a device op is a kernel argument; a larger one must have
+  been copied to the device (a `.to(device)` that is a no-op on the CPU, as improved-diffusion's
+  gathers do): one "host-to-device copy" launch of its bytes.
+- t's range check (`fastddpm._checks.check_timesteps`) is exact on the host for CPU tensors,
+  and an asynchronous device assert (ge, lt, and, all, _assert_async) on GPUs and under
+  torch.compile. While counting, `fastddpm._checks` sees `torch.compiler.is_compiling()` as
+  True (its module-level name `torch` is swapped for a view of torch that differs only there),
+  so the check takes the GPU's branch; nothing else changes.
 """
 import contextlib
 import dataclasses
