@@ -14,7 +14,10 @@ A model output tensor stands in for the model (no model call). Providers:
   and `_vb_terms_bpd` (below, clip_denoised=True as its bits/dim evaluation): its tables are
   float64 numpy arrays on the host, copied to the device at every gather (`Step.host`).
 
-The floor is math.md section 7's traffic of the fused pass, in full-tensor passes.
+Options match across providers: eps prediction, fixed_small variance, x0_hat clipped to [-1, 1]
+in the DDPM step (diffusers' default clip_sample) and the vb term, not in DDIM (ddim_step's
+default; DDIMScheduler with clip_sample=False). The floor is math.md section 7's traffic of the
+fused pass, in full-tensor passes.
 """
 import contextlib
 import dataclasses
