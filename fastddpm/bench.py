@@ -10,7 +10,9 @@ import importlib
 import inspect
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -131,8 +133,26 @@ def plot_speedups(rows, path):
     figure.savefig(path)
 
 
-def main(json_path=None, plot_path=None, only=None, device=None, print_fn=print):
-    """Run the benchmarks, print the table, write JSON and plot; 0 on success, 1 if one failed."""
+def traffic_rows(print_fn=print):
+    """The rows of benchmarks/traffic.py (launches, bytes per element) and host_overhead.py (host
+    µs per call), each run in a child process under Triton's interpreter, their tables printed."""
+    rows = []
+    for module in ("traffic", "host_overhead"):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "rows.json")
+            done = subprocess.run([sys.executable, "-m", f"fastddpm.benchmarks.{module}", "--json", path],
+                                  env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"fastddpm.benchmarks.{module} failed:\n{done.stderr[-2000:]}")
+            print_fn(done.stdout.rstrip())
+            with open(path) as handle:
+                rows += json.load(handle)
+    return rows
+
+
+def main(json_path=None, plot_path=None, only=None, device=None, print_fn=print, traffic=False):
+    """Run the benchmarks, print the table, write JSON and plot; 0 on success, 1 if one failed.
+    `traffic`: also the launches, bytes per element and host µs of every hot path (`traffic_rows`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     names = only or BENCHMARKS
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -153,6 +173,8 @@ def main(json_path=None, plot_path=None, only=None, device=None, print_fn=print)
         print_fn(f"bench_{name}: {len(new_rows)} rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if rows:
         print_fn(format_table(rows))
+    if traffic:
+        rows.extend(traffic_rows(print_fn))
     if json_path:
         folder = os.path.dirname(json_path)
         if folder:

@@ -3,7 +3,7 @@
     fastddpm train [--data digits|FOLDER|FILE.npy] [--out runs/NAME] [--resume] ...
     fastddpm sample runs/NAME [--method ddpm|ddim] [--steps N] [--eta E] [--seed S] [--out grid.png]
     fastddpm elbo runs/NAME [--data ...] [--timesteps K]
-    fastddpm bench [--json PATH] [--plot PATH.png]
+    fastddpm bench [--json PATH] [--plot PATH.png] [--traffic]
     fastddpm verify [--device cpu|cuda]
 
 Errors the user can fix (bad data, a missing or corrupt checkpoint, a NaN loss) print one
@@ -129,6 +129,8 @@ def _build_parser():
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="run only these benchmarks (loss, sampling, elbo, train_step)")
     bench.add_argument("--device", default=None)
+    bench.add_argument("--traffic", action="store_true",
+                       help="also count launches and bytes per element, and time host µs per call, of every hot path")
 
     verify = commands.add_parser("verify", help="every kernel against the float64 reference on this device")
     verify.add_argument("--device", default=None)
@@ -205,7 +207,8 @@ def _elbo(args):
 
 def _bench(args):
     from .bench import main as bench_main
-    return bench_main(json_path=args.json, plot_path=args.plot, only=args.only, device=args.device)
+    return bench_main(json_path=args.json, plot_path=args.plot, only=args.only, device=args.device,
+                      traffic=args.traffic)
 
 
 def _verify(args):

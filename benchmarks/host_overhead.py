@@ -1,0 +1,200 @@
+"""Host time per call of every hot path (benchmarks/paths.py): fastddpm's Triton path against the
+eager peers, measured on the CPU.
+
+At DDPM's usual sizes a GPU finishes these kernels faster than the host issues them, so a path
+costs its host time. Measured here with tiny tensors (2x3x4x4), one thread, the process's CPU
+time per call (`INNER` calls per sample), medians over interleaved rounds (harness.time_cpu),
+the Triton kernels' execution stubbed. Providers:
+
+- fastddpm: the kernels' path with every grid execution a no-op (`InterpretedFunction.run`):
+  Python, argument checks, the dispatcher, custom ops, autograd and our launchers are timed;
+  Triton's own launch path is not.
+- fastddpm+launch: the same, each launch going through Triton's real `JITFunction.run` (argument
+  binding and specialization, cache key, grid) with a faked driver (device 0, stream 0, an sm_90
+  target) and a faked compiled kernel whose `run` does nothing. Still excluded: the C launcher
+  (argument packing and cuLaunchKernel, a few µs a launch on a GPU) and torch.cuda's
+  device and stream queries. Needs JITFunction's layout of triton 3.9; otherwise left out.
+- reference: fastddpm's PyTorch path (backend "reference"), what runs on CPU tensors.
+- diffusers, improved-diffusion: the eager peers.
+
+ATen ops, in every provider, run their CPU kernels on 96 elements, which costs about what their
+dispatch does. ratio = peer / fastddpm: above 1, fastddpm spends less host time per call.
+
+    python -m fastddpm.benchmarks.host_overhead [--json rows.json]
+"""
+import contextlib
+import inspect
+import time
+import types
+import warnings
+
+import torch
+
+from . import harness, paths
+from .traffic import _swapped
+
+SIZE = (2, 3, 4, 4)
+INNER = 10
+PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-diffusion")
+
+
+class _Launches:
+    """How the patched `InterpretedFunction.run` launches: not at all, or through JITFunction.run."""
+    jit = False
+    calls = 0
+    functions = {}
+    jit_calls = 0
+    jit_seconds = 0.0  # spent in JITFunction.run (wall clock)
+
+
+class _FakeDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+class _FakeKernel:
+    """A compiled kernel whose launch does nothing."""
+    function = packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        return None
+
+
+def _jit_function(interpreted):
+    """A JITFunction of the interpreted kernel's Python function that compiles to `_FakeKernel`."""
+    from triton.runtime.jit import JITFunction
+
+    accepted = inspect.signature(JITFunction.__init__).parameters
+    function = JITFunction(interpreted.fn, **{k: v for k, v in interpreted.kwargs.items() if k in accepted})
+
+    def do_compile(key, signature, device, *args):
+        kernel = _FakeKernel()
+        function.device_caches[device][0][key] = kernel
+        return kernel
+
+    function._do_compile = do_compile
+    return function
+
+
+def _run(interpreted, *args, grid, warmup, **kwargs):
+    _Launches.calls += 1
+    if not _Launches.jit:
+        return None
+    function = _Launches.functions.get(interpreted)
+    if function is None:
+        function = _Launches.functions[interpreted] = _jit_function(interpreted)
+    start = time.perf_counter()
+    kernel = function.run(*args, grid=grid, warmup=warmup, **kwargs)
+    _Launches.jit_seconds += time.perf_counter() - start
+    _Launches.jit_calls += 1
+    return kernel
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Triton launches do nothing (or, with `_Launches.jit`, only Triton's launch path)."""
+    import triton.runtime.jit as jit
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with warnings.catch_warnings(), _swapped(InterpretedFunction, "run", _run), \
+            _swapped(jit, "driver", types.SimpleNamespace(active=_FakeDriver())):
+        warnings.simplefilter("ignore")  # Triton's one-time notices about its defaults
+        yield
+
+
+def _timed(fn, jit=False):
+    def step():
+        _Launches.jit = jit
+        for _ in range(INNER):
+            fn()
+    return step
+
+
+def measure(cases=None, reps=20):
+    """{(case, provider): [p50, p20, p80] in µs per call}, {case: Triton launches per call} and the
+    mean µs of one JITFunction.run once compiled (None if left out)."""
+    times, launches = {}, {}
+    jit_calls, jit_seconds = 0, 0.0
+    with stubbed_launches():
+        for case in cases or paths.CASES:
+            _, steps = case.steps(SIZE)
+            timed = {name: _timed(steps[name].fn) for name in PROVIDERS if name in steps}
+            timed["fastddpm+launch"] = _timed(steps["fastddpm"].fn, jit=True)
+            try:
+                timed["fastddpm+launch"]()  # the first launch of each kernel "compiles"
+            except Exception as error:  # another triton's JITFunction layout
+                warnings.warn(f"fastddpm+launch left out: Triton's launch path could not be faked ({error!r})")
+                del timed["fastddpm+launch"]
+            _Launches.jit, _Launches.calls = False, 0
+            steps["fastddpm"].fn()
+            launches[case] = _Launches.calls
+            order = [name for name in PROVIDERS if name in timed]
+            _Launches.jit_calls, _Launches.jit_seconds = 0, 0.0
+            result = harness.time_cpu({name: timed[name] for name in order}, reps, clock=time.process_time)
+            jit_calls, jit_seconds = jit_calls + _Launches.jit_calls, jit_seconds + _Launches.jit_seconds
+            for name in order:
+                times[case, name] = [1e3 * ms / INNER for ms in result[name]]
+    return times, launches, 1e6 * jit_seconds / jit_calls if jit_calls else None
+
+
+def rows(times):
+    """Long-format rows (harness.FIELDS): metric host_us per case and provider."""
+    base = harness.environment(torch.device("cpu"))
+    return [dict(base, op=case.op, provider=provider, mode="host", metric="host_us", unit="us",
+                 **harness.case_fields(SIZE, case.dtype), **harness.quantile_fields(values))
+            for (case, provider), values in times.items()]
+
+
+def format_table(times, launches, per_launch):
+    lines = [f"Host time per call (µs; CPU, {torch.get_num_threads()} thread, {'x'.join(map(str, SIZE))}, "
+             "Triton grid execution stubbed); ratio = this / fastddpm",
+             f"{'op':15} {'dtype':9} {'provider':19} {'p50':>8} {'p20':>8} {'p80':>8} {'ratio':>6}"]
+    for case in dict.fromkeys(case for case, _ in times):
+        own = times[case, "fastddpm"][0]
+        for (c, provider), (p50, p20, p80) in times.items():
+            if c is case:
+                ratio = "" if provider == "fastddpm" else f"{p50 / own:6.2f}"
+                lines.append(f"{case.op:15} {str(case.dtype)[6:]:9} {provider:19} {p50:8.1f} {p20:8.1f} {p80:8.1f} "
+                             f"{ratio}")
+        lines.append(f"{'':26}{launches[case]} Triton launches a call")
+    if per_launch is not None:
+        lines.append(f"Triton's launch path (JITFunction.run, faked driver and kernel): {per_launch:.1f} µs a launch")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(description="host µs per call of every hot path, fastddpm against its peers")
+    parser.add_argument("--only", nargs="+", default=None, metavar="OP", help="only these ops")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json", default=None, help="write the long-format rows to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+    torch.set_num_threads(1)
+    cases = [case for case in paths.CASES if args.only is None or case.op in args.only]
+    times, launches, per_launch = measure(cases, args.reps)
+    print(format_table(times, launches, per_launch))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows(times), handle, indent=2, default=str)
+    return times
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The hot paths that `traffic` counts and `host_overhead` times, fastddpm beside its peers.
+
+Each `Case` builds, for a size and its dtype, one no-argument step per provider on fixed inputs.
+A model output tensor stands in for the model (no model call). Providers:
+
+- fastddpm: the public API on backend "triton" (the kernels; Triton's interpreter on CPU);
+  reference: the same calls on backend "reference" (fastddpm's PyTorch path).
+- diffusers: its training scripts' loss path (`bench_loss.eager_loss_path`: randn_like,
+  randint, add_noise, F.mse_loss(pred.float(), noise.float()), min-SNR as train_text_to_image.py)
+  and the real `DDPMScheduler.step` / `DDIMScheduler.step`, one timestep for the batch, the
+  scheduler set up as its pipelines do (`set_timesteps(1000)` for DDPM, 50 for DDIM); its
+  tables and per-step scalars stay on the host (`Step.host`).
+- improved-diffusion: `GaussianDiffusion.p_sample` (`bench_sampling.improved_diffusion_p_sample`)
+  and `_vb_terms_bpd` (below, clip_denoised=True as its bits/dim evaluation): its tables are
+  float64 numpy arrays on the host, copied to the device at every gather (`Step.host`).
+
+Options match across providers: eps prediction, fixed_small variance, x0_hat clipped to [-1, 1]
+in the DDPM step (diffusers' default clip_sample) and the vb term, not in DDIM (ddim_step's
+default; DDIMScheduler with clip_sample=False). The floor is math.md section 7's traffic of the
+fused pass, in full-tensor passes.
+"""
+import contextlib
+import dataclasses
+import math
+
+import torch
+
+import fastddpm
+from fastddpm import NoiseSchedule
+from fastddpm import functional as F
+from fastddpm.loss import DiffusionLoss
+
+from . import bench_loss, bench_sampling
+
+SIZE = (16, 3, 32, 32)
+T = 1000
+DDIM_STEPS = 50
+
+
+@dataclasses.dataclass
+class Step:
+    fn: object  # no-argument callable: one call of the path
+    host: tuple = ()  # tensors that live on the host on a GPU (diffusers' scheduler state)
+
+
+@dataclasses.dataclass(eq=False)
+class Case:
+    op: str
+    dtype: torch.dtype
+    mode: str  # "full": forward and backward
+    floor_passes: int  # full-tensor passes of the fused floor
+    floor_launches: int  # one fused kernel per model call boundary
+    build: object  # build(size, dtype) -> (main tensor, {provider: Step})
+
+    def steps(self, size=SIZE):
+        return self.build(size, self.dtype)
+
+    @property
+    def floor(self):
+        """Bytes per element of the floor."""
+        return self.floor_passes * self.dtype.itemsize
+
+
+@contextlib.contextmanager
+def backend(name):
+    previous = fastddpm.get_backend()
+    fastddpm.set_backend(name)
+    try:
+        yield
+    finally:
+        fastddpm.set_backend(previous)
+
+
+def on_backend(name, fn):
+    def step():
+        with backend(name):
+            return fn()
+    return step
+
+
+def _inputs(size, dtype, low=0):
+    """(x, model_output, t): fixed random inputs, t in [low, T)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(size, generator=generator).to(dtype)
+    output = torch.randn(size, generator=generator).to(dtype)
+    return x, output, torch.randint(low, T, (size[0],), generator=generator)
+
+
+# -- loss forward and backward ---------------------------------------------------------------
+
+
+def loss_case(weighting):
+    def build(size, dtype):
+        schedule = NoiseSchedule.linear(T)
+        x0, _, _ = _inputs(size, dtype)
+        pred = torch.randn(size).to(dtype).requires_grad_()
+        loss_fn = DiffusionLoss(schedule, weighting=weighting, gamma=bench_loss.MIN_SNR_GAMMA)
+        alphas_cumprod = schedule.alphas_cumprod.float()  # on the device, as diffusers' add_noise leaves it
+
+        def fastddpm_loss():
+            pred.grad = None
+            x_t, _, state = loss_fn.noise(x0)
+            loss_fn.loss(pred, x0, state).backward()
+
+        def diffusers_loss():
+            pred.grad = None
+            loss, _ = bench_loss.eager_loss_path(x0, pred, alphas_cumprod, weighting)
+            loss.backward()
+
+        return x0, {"fastddpm": Step(on_backend("triton", fastddpm_loss)),
+                    "reference": Step(on_backend("reference", fastddpm_loss)),
+                    "diffusers": Step(diffusers_loss)}
+    return build
+
+
+# -- reverse steps ---------------------------------------------------------------------------
+
+
+def _host_state(scheduler, *extra):
+    return tuple(value for value in vars(scheduler).values() if isinstance(value, torch.Tensor)) + extra
+
+
+def p_sample_build(size, dtype):
+    from diffusers import DDPMScheduler
+
+    schedule = NoiseSchedule.linear(T)
+    x, output, t = _inputs(size, dtype, low=1)
+    steps = bench_sampling.step_providers(schedule, x.device, providers=("fastddpm", "eager"))
+    scheduler = DDPMScheduler(num_train_timesteps=T)  # clip_sample, fixed_small, epsilon: as fastddpm's step here
+    scheduler.set_timesteps(T)
+    timestep = scheduler.timesteps[T // 2]
+    return x, {"fastddpm": Step(on_backend("triton", lambda: steps["fastddpm"](output, x, t))),
+               "reference": Step(on_backend("reference", lambda: steps["fastddpm"](output, x, t))),
+               "diffusers": Step(lambda: scheduler.step(output, timestep, x).prev_sample,
+                                 _host_state(scheduler, timestep)),
+               "improved-diffusion": Step(lambda: steps["eager"](output, x, t),
+                                          tuple(getattr(schedule, name) for name in bench_sampling.TABLES))}
+
+
+def ddim_build(eta):
+    def build(size, dtype):
+        from diffusers import DDIMScheduler
+
+        schedule = NoiseSchedule.linear(T)
+        x, output, _ = _inputs(size, dtype)
+        scheduler = DDIMScheduler(num_train_timesteps=T, clip_sample=False)  # as ddim_step's default
+        scheduler.set_timesteps(DDIM_STEPS)
+        timestep = scheduler.timesteps[DDIM_STEPS // 2]
+        t = torch.full((size[0],), int(timestep))
+        t_prev = t - T // DDIM_STEPS
+
+        def fastddpm_step():
+            return F.ddim_step(output, x, t, t_prev, schedule, eta=eta)
+
+        return x, {"fastddpm": Step(on_backend("triton", fastddpm_step)),
+                   "reference": Step(on_backend("reference", fastddpm_step)),
+                   "diffusers": Step(lambda: scheduler.step(output, timestep, x, eta=eta).prev_sample,
+                                     _host_state(scheduler, timestep))}
+    return build
+
+
+# -- the variational bound's term ------------------------------------------------------------
+
+VB_TABLES = ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "posterior_log_variance_clipped",
+             "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+
+
+def improved_diffusion_vb_terms_bpd(model_output, x_start, x_t, t, tables, clip_denoised=True):
+    """improved-diffusion's GaussianDiffusion._vb_terms_bpd (eps prediction, fixed_small), op by op,
+    with the helpers it calls (losses.normal_kl, discretized_gaussian_log_likelihood, mean_flat).
+    `tables`: float64 host tensors (its numpy arrays)."""
+    def extract(name):  # _extract_into_tensor: to the device, gather, float32, broadcast to the full shape
+        values = tables[name].to(device=t.device)[t].float()
+        while values.ndim < x_t.ndim:
+            values = values[..., None]
+        return values.expand(x_t.shape)
+
+    def q_posterior_mean_variance(x_start, x_t):
+        mean = extract("posterior_mean_coef1") * x_start + extract("posterior_mean_coef2") * x_t
+        return mean, extract("posterior_variance"), extract("posterior_log_variance_clipped")
+
+    def p_mean_variance():
+        variance, log_variance = extract("posterior_variance"), extract("posterior_log_variance_clipped")
+        pred_xstart = extract("sqrt_recip_alphas_cumprod") * x_t - extract("sqrt_recipm1_alphas_cumprod") * model_output
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = q_posterior_mean_variance(pred_xstart, x_t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
+
+    def normal_kl(mean1, logvar1, mean2, logvar2):
+        return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                      + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+
+    def approx_standard_normal_cdf(x):
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+    def discretized_gaussian_log_likelihood(x, means, log_scales):
+        centered_x = x - means
+        inv_stdv = torch.exp(-log_scales)
+        cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+        cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+        log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+        log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+        cdf_delta = cdf_plus - cdf_min
+        return torch.where(x < -0.999, log_cdf_plus,
+                           torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+    def mean_flat(tensor):
+        return tensor.mean(dim=list(range(1, len(tensor.shape))))
+
+    true_mean, _, true_log_variance_clipped = q_posterior_mean_variance(x_start, x_t)
+    out = p_mean_variance()
+    kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])) / math.log(2.0)
+    decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
+    decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+    return torch.where((t == 0), decoder_nll, kl)
+
+
+def vb_build(size, dtype):
+    schedule = NoiseSchedule.linear(T)
+    x0, output, t = _inputs(size, dtype)
+    x_t = fastddpm.reference.q_sample(x0, t, torch.randn_like(x0), schedule)
+    tables = {name: getattr(schedule, name) for name in VB_TABLES}
+
+    def fastddpm_vb():
+        return F.vb_terms_bpd(output, x0, x_t, t, schedule, clip_denoised=True)
+
+    return x0, {"fastddpm": Step(on_backend("triton", fastddpm_vb)),
+                "reference": Step(on_backend("reference", fastddpm_vb)),
+                "improved-diffusion": Step(lambda: improved_diffusion_vb_terms_bpd(output, x0, x_t, t, tables),
+                                           tuple(tables.values()))}
+
+
+CASES = (
+    # read x0, write x_t | read pred, write grad (the backward launches nothing): 2 kernels
+    Case("loss_simple", torch.float32, "full", 4, 2, loss_case("simple")),
+    Case("loss_min_snr", torch.bfloat16, "full", 4, 2, loss_case("min_snr")),
+    # read x_t and the model output, write x_{t-1}, noise drawn in the kernel
+    Case("p_sample_step", torch.float32, "forward", 3, 1, p_sample_build),
+    Case("ddim_step", torch.float32, "forward", 3, 1, ddim_build(0.0)),
+    Case("ddim_step_eta1", torch.float32, "forward", 3, 1, ddim_build(1.0)),
+    # read the model output, x0 and x_t
+    Case("vb_terms", torch.float32, "forward", 3, 1, vb_build),
+)
