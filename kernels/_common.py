@@ -85,14 +85,19 @@ def launch_config(x, max_block=2048):
     """Grid, BLOCK and num_warps for an elementwise pass over x of shape (B, ...): 8 elements
     (16-byte accesses) a thread. 2048 over 8 warps by default: no spills with in-kernel noise
     (bf16 spills at 4096); kernels with more live values cap BLOCK lower."""
-    batch, per_sample = x.shape[0], x[0].numel()
+    batch, per_sample = x.shape[0], sample_numel(x)
     if batch > MAX_BATCH:
         raise ValueError(f"batch size {batch} exceeds {MAX_BATCH}, the kernels' grid limit: split the batch")
     if per_sample >= 2 ** 31:
         raise ValueError(f"{per_sample} elements per sample: the kernels index a sample with int32 (< 2**31)")
-    block = min(max_block, max(128, triton.next_power_of_2(per_sample)))
+    block = min(max_block, max(128, 1 << (per_sample - 1).bit_length()))  # plain ints: least host time
     num_warps = 8 if block >= 2048 else 4
-    return (triton.cdiv(per_sample, block), batch), block, num_warps
+    return ((per_sample + block - 1) // block, batch), block, num_warps
+
+
+def sample_numel(x):
+    """Elements per sample of a (B, ...) tensor with B >= 1 (no view, unlike x[0].numel())."""
+    return x.numel() // x.shape[0]
 
 
 def channel_sizes(x, channels_last):

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      load_model_output, load_timestep, model_output_offsets, sample_offsets, standard_normal)
+                      load_model_output, load_timestep, model_output_offsets, sample_numel, sample_offsets,
+                      standard_normal)
 from .vlb import FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, vb_element
 
 
@@ -76,7 +77,7 @@ def vlb_loss_forward(model_output, x0, noise, t, table, pred_table, mse_weights,
     """Launch on kernel-layout tensors. Returns per-sample (loss, unweighted MSE, vb bits/dim) and the
     gradient of sum_b loss_b w.r.t. the model output (empty unless compute_grad)."""
     grid, block, num_warps = launch_config(x0)
-    per_sample = x0[0].numel()
+    per_sample = sample_numel(x0)
     C, HW = channel_sizes(x0, channels_last)
     partials = torch.empty((2, x0.shape[0], grid[0]), device=x0.device, dtype=torch.float32)
     grad = torch.empty_like(model_output) if compute_grad else model_output.new_empty(0)

@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, finish_reduction, kernel_layout,
-                      launch_config, like_layout, load_timestep, reduction_counter, sample_offsets, standard_normal)
+from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, finish_reduction, kernel_layout,
+                      launch_config, like_layout, load_timestep, reduction_counter, sample_numel, sample_offsets,
+                      standard_normal)
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
 TARGET_TERMS = {"eps": (True, False), "x0": (False, True), "v": (True, True)}
@@ -95,7 +96,7 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
     diffusion_loss_kernel[grid](
         pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
         partials, reduction_counter(pred.device), loss, t, table, weights, seed if draw else t,
-        pred[0].numel(), table.shape[1], C, HW,
+        sample_numel(pred), table.shape[1], C, HW,
         USE_EPS=use_eps, USE_X0=use_x0, DRAW_NOISE=draw, STORE_GRAD=store_grad, REDUCTION=REDUCTIONS[reduction],
         CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
     return loss, grad
@@ -104,7 +105,7 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
 def scale_grad_(grad, grad_output):
     """Scale the stored gradient by grad_output (shape () or (B,)) in place."""
     grid, block, num_warps = launch_config(grad)
-    scale_grad_kernel[grid](grad, grad_output.contiguous(), grad[0].numel(), PER_SAMPLE=grad_output.ndim == 1,
+    scale_grad_kernel[grid](grad, grad_output.contiguous(), sample_numel(grad), PER_SAMPLE=grad_output.ndim == 1,
                             BLOCK=block, num_warps=num_warps)
 
 
@@ -121,25 +122,24 @@ class _DiffusionLoss(torch.autograd.Function):
     """The eager path: the kernel in forward, the in-place scaling of its gradient in backward."""
 
     @staticmethod
-    def forward(ctx, pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last):
-        loss, ctx.grad = diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction,
-                                                channels_last, True)
-        ctx.options = prediction, reduction, channels_last
+    def forward(ctx, pred, x0, noise, t, table, weights, seed, options):
+        loss, ctx.grad = diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, *options, True)
+        ctx.options = options
         ctx.save_for_backward(pred, x0, noise, t, table, weights, seed)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None  # handed over to autograd, which may keep it as pred.grad
-        pred, x0, noise, t, table, weights, seed = ctx.saved_tensors
-        prediction, reduction, channels_last = ctx.options
         if grad is None:  # a second backward through the graph (retain_graph=True): recompute
-            grad = diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction,
-                                          channels_last, True)[1]
+            grad = diffusion_loss_forward(*ctx.saved_tensors, *ctx.options, True)[1]
         scale_grad_(grad, grad_loss)
-        grad_x0, grad_noise = _target_grads(grad, prediction, t, table, ctx.needs_input_grad[1],
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return grad, None, None, None, None, None, None, None
+        _, _, _, t, table, _, _ = ctx.saved_tensors
+        grad_x0, grad_noise = _target_grads(grad, ctx.options[0], t, table, ctx.needs_input_grad[1],
                                             ctx.needs_input_grad[2])
-        return grad, grad_x0, grad_noise, None, None, None, None, None, None, None
+        return grad, grad_x0, grad_noise, None, None, None, None, None
 
 
 @torch.library.custom_op("fastddpm::diffusion_loss", mutates_args=())
@@ -188,11 +188,11 @@ def diffusion_loss(model_output, x0, noise, t, table, weights, seed, *, predicti
     pred, channels_last = kernel_layout(model_output)
     x0 = like_layout(x0, channels_last) if use_x0 else None
     noise = like_layout(noise, channels_last) if use_eps else None
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (pred, x0, noise))
     if torch.compiler.is_compiling():
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (pred, x0, noise))
         return diffusion_loss_op(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
                                  needs_grad)[0]
-    if needs_grad:
-        return _DiffusionLoss.apply(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last)
-    return diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
-                                  False)[0]
+    if eager(pred, x0, noise):
+        return diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
+                                      False)[0]
+    return _DiffusionLoss.apply(pred, x0, noise, t, table, weights, seed, (prediction, reduction, channels_last))

@@ -32,7 +32,7 @@ from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 
 from ._common import (AB, CHECKED, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
                       SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, eager, kernel_layout,
-                      launch_config, like_layout, load_timestep, model_output_offsets, sample_offsets,
+                      launch_config, like_layout, load_timestep, model_output_offsets, sample_numel, sample_offsets,
                       standard_normal)
 
 
@@ -188,7 +188,7 @@ def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction
         model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
         log_var if store_variance else out, var if store_variance else out,
-        x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction],
+        sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction],
         FIXED_LOG_VARIANCE_ROWS.get(variance, LOG_VAR_CLIPPED.value),
         CLIP=CLIP_IDS[clip], LEARNED_RANGE=learned, ADD_NOISE=add_noise, DRAW_NOISE=draw, STORE_X0=store_x0,
         STORE_VARIANCE=store_variance, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
@@ -206,7 +206,7 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
     ddim_kernel[grid](
         model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
-        x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
+        sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
         CLIP=CLIP_IDS[clip], WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], ADD_NOISE=add_noise,
         DRAW_NOISE=add_noise and noise is None, STORE_X0=store_x0, CHANNELS_LAST=channels_last,
         BLOCK=block, num_warps=num_warps, **CHECKED)

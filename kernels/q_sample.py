@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      load_timestep, sample_offsets, standard_normal)
+                      load_timestep, sample_numel, sample_offsets, standard_normal)
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def q_sample_forward(x0, t, noise, table, seed, channels_last, store_noise, draw
     q_sample_kernel[grid](
         x0, x0 if draw else noise, out, out if noise_out is None else noise_out, t, t if t_out is None else t_out,
         table, seed if draw and not draw_t else t,
-        x0[0].numel(), table.shape[1], C, HW,
+        sample_numel(x0), table.shape[1], C, HW,
         DRAW_NOISE=draw, STORE_NOISE=noise_out is not None, DRAW_T=draw_t, CHANNELS_LAST=channels_last,
         BLOCK=block, num_warps=num_warps, **CHECKED)
     return out, noise_out, t_out

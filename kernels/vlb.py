@@ -32,7 +32,7 @@ import triton.language as tl
 from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
 
 from ._common import (CHECKED, COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_1M_AB, SQRT_AB, eager, kernel_layout,
-                      launch_config, like_layout, load_model_output, load_timestep, model_output_offsets,
+                      launch_config, like_layout, load_model_output, load_timestep, model_output_offsets, sample_numel,
                       sample_offsets)
 
 FIXED_LOG_VARIANCE_ROWS = {"fixed_small": KERNEL_ROWS.index("posterior_log_variance_clipped"),
@@ -205,7 +205,7 @@ def _launch(model_output, x0, x_t, noise, t, table, pred_table, grad_scale, lear
             tanh_cdf, channels_last):
     """Shared launcher: with grad_scale=None returns (vb (B,), MSEs (2 or 0, B)), else the gradient."""
     grid, block, num_warps = launch_config(x0)
-    batch, per_sample = x0.shape[0], x0[0].numel()
+    batch, per_sample = x0.shape[0], sample_numel(x0)
     channels = x0.shape[1] if channels_last else 1
     with_mse = noise is not None
     compute_grad = grad_scale is not None
