@@ -1,7 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
+from conftest import relative_error, use_backend
+from helpers import SYNC_OPS, recorded_calls
 from torch._dynamo.utils import counters
 
 from fastddpm.schedule import NoiseSchedule
@@ -208,3 +209,24 @@ def test_real_diffusion_loss_compiles_as_one_graph_without_recompiles(backend, r
     assert torch.isfinite(losses).all()
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_step_is_capturable_no_sync_and_the_same_ops_every_step(backend):
+    """What a CUDA graph of the step needs and a CPU can show: no host sync, and from the second
+    step on the very same ops and allocations (shapes, dtypes) in the same order."""
+    with use_backend(backend):
+        step = TrainStep(tiny_model(), real_diffusion_loss(), warmup_steps=3)
+        step.step(digits_batch())  # the first step builds the optimizer's state
+        signatures = []
+        for _ in range(2):
+            with recorded_calls() as calls:
+                step.step(digits_batch())
+            signatures.append(calls)
+    assert signatures[0] == signatures[1]
+    assert not {name for name, _ in signatures[0]} & SYNC_OPS
+
+
+def test_cuda_graph_needs_a_cuda_model(loss_fn):
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        TrainStep(tiny_model(), loss_fn, cuda_graph=True)
