@@ -18,7 +18,6 @@ T2 = torch.tensor([3, 50])
 CASES = [
     # q_posterior
     (lambda: F.q_posterior(x(2, 3, 4), x(2, 3, 5), T2, S), ValueError, r"x0 must have shape \(2, 3, 5\)"),
-    (lambda: F.q_posterior(x(2, 3, 4), x(2, 3, 4), torch.tensor([3, 100]), S), ValueError, r"t must lie in \[0, 100\)"),
     (lambda: F.q_posterior(x(2, 3, 4), x(2, 3, 4).long(), T2, S), TypeError, "x_t must be float32"),
     # p_mean_variance
     (lambda: F.p_mean_variance(x(2, 3, 4), x(2, 3, 4), T2, S, prediction="score"), ValueError, "prediction must be one of"),
@@ -33,7 +32,6 @@ CASES = [
     (lambda: F.p_sample_step(x(2, 3, 4), x(2, 3, 4), T2, S, generator="seed"), TypeError, "generator must be"),
     (lambda: F.p_sample_step(x(2, 3, 4), x(2, 3, 4), T2.float(), S), TypeError, "t must be an int64"),
     # ddim_step
-    (lambda: F.ddim_step(x(2, 3, 4), x(2, 3, 4), T2, torch.tensor([2, -2]), S), ValueError, r"t_prev must lie in \[-1, 100\)"),
     (lambda: F.ddim_step(x(2, 3, 4), x(2, 3, 4), T2, T2 - 1, S, eta=-0.5), ValueError, "eta must be a float >= 0"),
     (lambda: F.ddim_step(x(2, 5, 4), x(2, 3, 4), T2, T2 - 1, S), ValueError, "model_output must have 3"),
     (lambda: F.ddim_step(x(2, 3, 4), x(2, 3, 4), T2, T2 - 1, "schedule"), TypeError, "schedule must be"),
@@ -62,6 +60,31 @@ CASES = [
 @pytest.mark.parametrize("call, error, match", CASES)
 def test_bad_input_names_the_argument(backend, call, error, match):
     with use_backend(backend), pytest.raises(error, match=match):
+        call()
+
+
+RANGE_CASES = [
+    # (call, the reference's host check, the kernel's device assert)
+    (lambda: F.q_posterior(x(2, 3, 4), x(2, 3, 4), torch.tensor([3, 100]), S), r"t must lie in \[0, 100\)",
+     r"t must lie in \[0, T\)"),
+    (lambda: F.ddim_step(x(2, 3, 4), x(2, 3, 4), T2, torch.tensor([2, -2]), S), r"t_prev must lie in \[-1, 100\)",
+     r"t_prev must lie in \[-1, T\)"),
+    (lambda: F.p_sample_step(x(2, 3, 4), x(2, 3, 4), torch.tensor([-1, 3]), S), r"t must lie in \[0, 100\)",
+     r"t must lie in \[0, T\)"),
+    (lambda: F.vb_terms_bpd(x(2, 3, 4), x(2, 3, 4), x(2, 3, 4), torch.tensor([100, 3]), S), r"t must lie in \[0, 100\)",
+     r"t must lie in \[0, T\)"),
+    (lambda: F.diffusion_loss(x(2, 3, 4), x(2, 3, 4), x(2, 3, 4), torch.tensor([3, 100]), S),
+     r"t must lie in \[0, 100\)", r"t must lie in \[0, T\)"),
+]
+
+
+@pytest.mark.parametrize("call, host_message, kernel_message", RANGE_CASES)
+def test_out_of_range_timesteps_name_the_argument(call, host_message, kernel_message):
+    """The reference checks on the host (ValueError); the kernels check where they load t, with
+    a device assert that Triton's interpreter raises (on a GPU: a device-side assert naming t)."""
+    with use_backend("reference"), pytest.raises(ValueError, match=host_message):
+        call()
+    with use_backend("triton"), pytest.raises(Exception, match=kernel_message):
         call()
 
 
