@@ -54,20 +54,15 @@ def dpm_solver_step(model_output, x_t, t, t_prev, schedule, *, history=(), order
     times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, min(order, 3) - 1, prediction,
                              clip_denoised, time)
     seed = _check_noise(noise, generator, seed, x_t, sde)
-    order = 1 + len(x0s)
-    if use_triton(x_t):
-        return run_dpm_solver(model_output, x_t, times, x0s, schedule, time, sde, solver_type == "heun", noise, seed,
-                              prediction, clip_denoised)
-    sigmas = [sigma_of(s, schedule, time) for s in times]
-    return reference_dpm_solver(model_output, x_t, sigmas, x0s, sde=sde, heun=solver_type == "heun",
-                                noise=_noise(noise, generator, x_t, sde), prediction=prediction, clip=clip_denoised)
+    return dpm_solver_update(model_output, x_t, times, x0s, schedule, time=time, sde=sde, heun=solver_type == "heun",
+                             noise=noise, seed=seed, generator=generator, prediction=prediction, clip=clip_denoised)
 
 
 def euler_step(model_output, x_t, t, t_prev, schedule, *, prediction="eps", clip_denoised=False, time="timestep"):
     """One Euler step of the probability-flow ODE (EulerDiscreteScheduler, k-diffusion's sample_euler)."""
     times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
-    return _euler("euler", model_output, x_t, times, None, schedule, time, None, None, None, prediction,
-                  clip_denoised)
+    return euler_update("euler", model_output, x_t, times, schedule, time=time, prediction=prediction,
+                        clip=clip_denoised)
 
 
 def euler_ancestral_step(model_output, x_t, t, t_prev, schedule, *, noise=None, generator=None, seed=None,
@@ -76,8 +71,8 @@ def euler_ancestral_step(model_output, x_t, t, t_prev, schedule, *, noise=None, 
     Euler to σ_down, then noise of σ_up; noise as in `dpm_solver_step`."""
     times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
     seed = _check_noise(noise, generator, seed, x_t, True)
-    return _euler("ancestral", model_output, x_t, times, None, schedule, time, noise, seed, generator, prediction,
-                  clip_denoised)
+    return euler_update("ancestral", model_output, x_t, times, schedule, time=time, noise=noise, seed=seed,
+                        generator=generator, prediction=prediction, clip=clip_denoised)
 
 
 def heun_step(model_output, x_t, t, t_prev, schedule, *, x0_hat_first=None, prediction="eps", clip_denoised=False,
@@ -94,8 +89,8 @@ def heun_step(model_output, x_t, t, t_prev, schedule, *, x0_hat_first=None, pred
     times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, len(history), prediction, clip_denoised,
                              time, first_name="x0_hat_first")
     mode = "euler" if x0_hat_first is None else "heun"
-    return _euler(mode, model_output, x_t, times, x0s[0] if x0s else None, schedule, time, None, None, None,
-                  prediction, clip_denoised)
+    return euler_update(mode, model_output, x_t, times, schedule, first=x0s[0] if x0s else None, time=time,
+                        prediction=prediction, clip=clip_denoised)
 
 
 def unipc_step(model_output, x_t, t, t_prev, schedule, *, history=(), order=2, corrector_order=None,
@@ -116,16 +111,51 @@ def unipc_step(model_output, x_t, t, t_prev, schedule, *, history=(), order=2, c
     if corrector_order > len(x0s):
         raise ValueError(f"corrector_order={corrector_order} needs {corrector_order} history entries, "
                          f"got {len(x0s)}")
-    order = min(order, 1 + len(x0s))
+    return unipc_update(model_output, x_t, times, x0s, schedule, time=time, order=min(order, 1 + len(x0s)),
+                        corrector_order=corrector_order, prediction=prediction, clip=clip_denoised)
+
+
+# -- dispatch on validated inputs (the sampler calls these in its loop) ---------------------------
+
+
+def dpm_solver_update(model_output, x_t, times, x0s, schedule, *, time, sde, heun, noise, seed, generator, prediction,
+                      clip):
+    """x0s: the history's x0_hat (as many as the order needs); times: t, t_prev and the history's times."""
     if use_triton(x_t):
-        return run_unipc(model_output, x_t, times, x0s, schedule, time, order, corrector_order, prediction,
-                         clip_denoised)
+        from fastddpm.kernels import solvers as K
+        h1, h2 = (list(x0s) + [None, None])[:2]
+        return K.run(K.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], _seed_tensor(seed, x_t),
+                     *_four(times), schedule.kernel_table(x_t.device), prediction, 1 + len(x0s), sde, heun,
+                     bool(clip), kernel_time(times[0], time))
+    sigmas = [sigma_of(s, schedule, time) for s in times]
+    return reference_dpm_solver(model_output, x_t, sigmas, x0s, sde=sde, heun=heun,
+                                noise=_noise(noise, generator, x_t, sde), prediction=prediction, clip=clip)
+
+
+def euler_update(mode, model_output, x_t, times, schedule, *, time, first=None, noise=None, seed=None,
+                 generator=None, prediction, clip):
+    """mode "euler", "ancestral" or "heun" (the corrector, `first` the predictor's x0_hat)."""
+    if use_triton(x_t):
+        from fastddpm.kernels import solvers as K
+        return K.run(K.euler_step_op, model_output, x_t, [first, noise], _seed_tensor(seed, x_t), times[0],
+                     times[1], schedule.kernel_table(x_t.device), prediction, mode, bool(clip),
+                     kernel_time(times[0], time))
+    sigma, sigma_next = (sigma_of(s, schedule, time) for s in times[:2])
+    if mode == "heun":
+        return reference_heun_correction(model_output, x_t, sigma, sigma_next, first, prediction=prediction, clip=clip)
+    noise = _noise(noise, generator, x_t, mode == "ancestral")
+    return reference_euler(model_output, x_t, sigma, sigma_next, noise=noise, prediction=prediction, clip=clip)
+
+
+def unipc_update(model_output, x_t, times, x0s, schedule, *, time, order, corrector_order, prediction, clip):
+    if use_triton(x_t):
+        from fastddpm.kernels import solvers as K
+        h1, h2 = (list(x0s) + [None, None])[:2]
+        return K.run(K.unipc_step_op, model_output, x_t, [h1, h2], *_four(times), schedule.kernel_table(x_t.device),
+                     prediction, order, corrector_order, bool(clip), kernel_time(times[0], time))
     sigmas = [sigma_of(s, schedule, time) for s in times]
     return reference_unipc(model_output, x_t, sigmas, x0s, order=order, corrector_order=corrector_order,
-                           prediction=prediction, clip=clip_denoised)
-
-
-# -- kernel calls (no checks: the sampler calls these in its loop) -----------------------------------
+                           prediction=prediction, clip=clip)
 
 
 def kernel_time(t, time):
@@ -133,37 +163,8 @@ def kernel_time(t, time):
     return "sigma" if time == "sigma" else ("fractional" if t.is_floating_point() else "timestep")
 
 
-def run_dpm_solver(model_output, x_t, times, x0s, schedule, time, sde, heun, noise, seed, prediction, clip):
-    from fastddpm.kernels import solvers as K
-    times = list(times) + [None] * (4 - len(times))
-    h1, h2 = (list(x0s) + [None, None])[:2]
-    return K.run(K.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], _seed_tensor(seed, x_t), *times,
-                 schedule.kernel_table(x_t.device), prediction, 1 + len(x0s), sde, heun, bool(clip),
-                 kernel_time(times[0], time))
-
-
-def run_euler(mode, model_output, x_t, times, first, schedule, time, noise, seed, prediction, clip):
-    from fastddpm.kernels import solvers as K
-    return K.run(K.euler_step_op, model_output, x_t, [first, noise], _seed_tensor(seed, x_t), times[0], times[1],
-                 schedule.kernel_table(x_t.device), prediction, mode, bool(clip), kernel_time(times[0], time))
-
-
-def run_unipc(model_output, x_t, times, x0s, schedule, time, order, corrector_order, prediction, clip):
-    from fastddpm.kernels import solvers as K
-    times = list(times) + [None] * (4 - len(times))
-    h1, h2 = (list(x0s) + [None, None])[:2]
-    return K.run(K.unipc_step_op, model_output, x_t, [h1, h2], *times, schedule.kernel_table(x_t.device),
-                 prediction, order, corrector_order, bool(clip), kernel_time(times[0], time))
-
-
-def _euler(mode, model_output, x_t, times, first, schedule, time, noise, seed, generator, prediction, clip):
-    if use_triton(x_t):
-        return run_euler(mode, model_output, x_t, times, first, schedule, time, noise, seed, prediction, clip)
-    sigma, sigma_next = (sigma_of(s, schedule, time) for s in times)
-    if mode == "heun":
-        return reference_heun_correction(model_output, x_t, sigma, sigma_next, first, prediction=prediction, clip=clip)
-    noise = _noise(noise, generator, x_t, mode == "ancestral")
-    return reference_euler(model_output, x_t, sigma, sigma_next, noise=noise, prediction=prediction, clip=clip)
+def _four(times):
+    return list(times) + [None] * (4 - len(times))
 
 
 def _seed_tensor(seed, x_t):
