@@ -124,7 +124,7 @@ def dpm_solver_update(model_output, x_t, times, x0s, schedule, *, time, sde, heu
     if use_triton(x_t):
         from fastddpm.kernels import solvers as K
         h1, h2 = (list(x0s) + [None, None])[:2]
-        return K.run(K.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], _seed_tensor(seed, x_t),
+        return K.run(K.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], seed,
                      *_four(times), schedule.kernel_table(x_t.device), prediction, 1 + len(x0s), sde, heun,
                      bool(clip), kernel_time(times[0], time))
     sigmas = [sigma_of(s, schedule, time) for s in times]
@@ -137,7 +137,7 @@ def euler_update(mode, model_output, x_t, times, schedule, *, time, first=None, 
     """mode "euler", "ancestral" or "heun" (the corrector, `first` the predictor's x0_hat)."""
     if use_triton(x_t):
         from fastddpm.kernels import solvers as K
-        return K.run(K.euler_step_op, model_output, x_t, [first, noise], _seed_tensor(seed, x_t), times[0],
+        return K.run(K.euler_step_op, model_output, x_t, [first, noise], seed, times[0],
                      times[1], schedule.kernel_table(x_t.device), prediction, mode, bool(clip),
                      kernel_time(times[0], time))
     sigma, sigma_next = (sigma_of(s, schedule, time) for s in times[:2])
@@ -165,10 +165,6 @@ def kernel_time(t, time):
 
 def _four(times):
     return list(times) + [None] * (4 - len(times))
-
-
-def _seed_tensor(seed, x_t):
-    return seed if seed is not None else torch.empty(0, dtype=torch.int64, device=x_t.device)
 
 
 # -- the reference (float64 math for float64 inputs, float32 otherwise; coefficients in float64) ----

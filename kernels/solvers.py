@@ -295,12 +295,12 @@ def _launch(kernel, model_output, x_t, table, prediction, channels_last, *pointe
     return x_prev, x0_hat
 
 
-# -- custom ops: (x_prev, x0_hat); None for an unused history, noise or time ----------------------
+# -- custom ops: (x_prev, x0_hat); None for an unused history, noise, seed or time -----------------
 
 
 @torch.library.custom_op("fastddpm::dpm_solver_step", mutates_args=())
 def dpm_solver_step_op(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.Tensor | None,
-                       h2: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor, t: torch.Tensor,
+                       h2: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor,
                        t_prev: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None, table: torch.Tensor,
                        prediction: str, order: int, sde: bool, heun: bool, clip: bool, time: str,
                        channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +311,7 @@ def dpm_solver_step_op(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.
 
 @torch.library.custom_op("fastddpm::euler_step", mutates_args=())
 def euler_step_op(model_output: torch.Tensor, x_t: torch.Tensor, first: torch.Tensor | None,
-                  noise: torch.Tensor | None, seed: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                  noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                   table: torch.Tensor, prediction: str, mode: str, clip: bool, time: str,
                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(euler_kernel, model_output, x_t, table, prediction, channels_last,
