@@ -324,7 +324,8 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
     check_choice(time, "time", TIMES)
     if not isinstance(history, (tuple, list)):
         raise TypeError(f"history must be a tuple of (x0_hat, t) pairs, newest first, got {type(history).__name__}")
-    times = [_check_time(t, "t", x_t, schedule, time, end=False), _check_time(t_prev, "t_prev", x_t, schedule, time, end=True)]
+    times = [_check_time(t, "t", x_t, schedule, time, end=False),
+             _check_time(t_prev, "t_prev", x_t, schedule, time, end=True)]
     x0s = []
     for i, entry in enumerate(history[:used]):
         name = first_name if first_name != "history" else f"history[{i}]"
@@ -334,7 +335,8 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
         if first_name == "history":
             times.append(_check_time(entry[1], f"{name}[1]", x_t, schedule, time, end=False))
         x0s.append(entry[0])
-    for name, value in (("t", t), ("t_prev", t_prev)):
+    names = ["t", "t_prev"] + [f"history[{i}][1]" for i in range(len(times) - 2)]
+    for name, value in zip(names, times):
         if time == "timestep" and value.is_floating_point() != t.is_floating_point():
             raise TypeError(f"{name} must be of t's kind (int or float timesteps), got {value.dtype}")
     return times, x0s

@@ -183,7 +183,8 @@ def euler_kernel(out_ptr, x_ptr, first_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_p
     (Karras et al. 2022, alg. 1-2), written for x_t = y/sqrt(1+σ²), y diffusers' sample.
 
     Euler: y' = y + (σ_d - σ)(y - x0)/σ, σ_d = σ' (ancestral: σ_d = sqrt(σ'² - σ_up²),
-    σ_up = sqrt(σ'² (σ² - σ'²) / σ²), + σ_up z), so x' = α'σ_d/(ασ) x + α'(1 - σ_d/σ) x0 (+ α'σ_up z).
+    σ_up = sqrt(σ'² (σ² - σ'²) / σ²), + σ_up z), so x' = α'σ_d/(ασ) x + α'(1 - σ_d/σ) x0 (+ α'σ_up z)
+    with α = 1/sqrt(1 + σ²).
     Heun's corrector: x at σ' is the Euler prediction, the output the model's there, `first` the
     predictor's x0_hat: y' = y_mid + (σ' - σ)(d2 - d1)/2 = y_mid + (1 - σ/σ')(x0_first - x0)/2.
     """

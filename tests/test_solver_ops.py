@@ -11,6 +11,10 @@ from fastddpm import solvers as S
 from fastddpm.kernels import solvers as K
 from fastddpm.solver_sampling import guided_model, sample_solver
 
+# Triton's interpreter (numpy) warns on log(0) = -inf, the λ of the final σ = 0
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                                        "ignore:invalid value:RuntimeWarning")
+
 T = 1000
 SHAPE = (2, 3, 8, 8)
 
@@ -176,7 +180,7 @@ def test_compiles_for_gpus_with_vector_accesses():
                           divisible=["out_ptr", "x_ptr", "h1_ptr", "h2_ptr", "x_prev_ptr", "x0_ptr", "D"]))
         # full tensors read (output, x_t, history) and written; 8 elements a thread: 2 accesses in float32
         per_tensor = 2 if dtype == "float32" else 1
-        tensors += [(4 * per_tensor, 2 * per_tensor), (3 * per_tensor, 2 * per_tensor), (4 * per_tensor, 2 * per_tensor)]
+        tensors += [(reads * per_tensor, 2 * per_tensor) for reads in (4, 3, 4)]
     assert_fast_ptx(specs, [n for n, _ in tensors], [n for _, n in tensors])
 
 

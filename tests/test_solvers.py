@@ -13,6 +13,10 @@ from fastddpm.timesteps import interp_sigmas, solver_sigmas
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 PREDICTIONS = ["eps", "x0", "v"]
+# Triton's interpreter (numpy) warns on log(0) = -inf, the λ of the final σ = 0
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                                        "ignore:invalid value:RuntimeWarning")
+
 T = 1000
 
 

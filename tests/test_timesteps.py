@@ -65,7 +65,8 @@ def multistep_options():
 def test_multistep_schedule_matches_dpm_solver_and_unipc(schedule, karras, lu_lambdas, final, name, spacing):
     for steps in STEPS:
         for offset in OFFSETS:
-            config = dict(timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras, final_sigmas_type=final)
+            config = dict(timestep_spacing=spacing, steps_offset=offset, use_karras_sigmas=karras,
+                          final_sigmas_type=final)
             if name == "dpmsolver":
                 theirs = scheduler("DPMSolverMultistepScheduler", use_lu_lambdas=lu_lambdas, **config)
             else:
@@ -85,12 +86,11 @@ def test_multistep_schedule_matches_dpm_solver_and_unipc(schedule, karras, lu_la
             assert_sigmas(ours.sigmas, theirs.sigmas, rtol=1e-4 if karras or lu_lambdas else 2e-6)
 
 
-@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])
-@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("name,karras", [("EulerDiscreteScheduler", False), ("EulerDiscreteScheduler", True),
+                                         ("HeunDiscreteScheduler", False), ("HeunDiscreteScheduler", True),
+                                         ("EulerAncestralDiscreteScheduler", False)])  # it has no Karras sigmas
 @pytest.mark.parametrize("spacing", TS.SPACINGS)
 def test_euler_schedule_matches_the_euler_family(schedule, name, karras, spacing):
-    if karras and name == "EulerAncestralDiscreteScheduler":
-        pytest.skip("EulerAncestralDiscreteScheduler has no Karras sigmas")
     finals = TS.FINAL_SIGMAS if name == "EulerDiscreteScheduler" else ("zero",)
     for steps in STEPS:
         for offset in OFFSETS:
