@@ -251,11 +251,14 @@ def test_seed_needs_the_triton_backend(reference_backend, schedule):
     (dict(x_T=torch.zeros(1, 3, 8, 8)), ValueError, "x_T must be a tensor of shape"),
     (dict(dtype=torch.int64), TypeError, "dtype must be one of"),
     (dict(shape=(2,)), ValueError, "shape must be a tuple"),
+    (dict(steps_offset=-1), ValueError, "steps_offset must be an int >= 0"),
+    (dict(generator="seed"), TypeError, "generator must be"),
+    (dict(model=None), TypeError, "model must be callable"),
 ])
 def test_sample_solver_bad_input(schedule, kwargs, error, match):
     arguments = {**dict(shape=SHAPE, method="dpm++2m", steps=4, progress=False), **kwargs}
     with pytest.raises(error, match=match):
-        sample_solver(lambda x, t: x, arguments.pop("shape"), schedule, **arguments)
+        sample_solver(arguments.pop("model", lambda x, t: x), arguments.pop("shape"), schedule, **arguments)
 
 
 def test_guided_model_batches_cond_and_uncond(schedule):
