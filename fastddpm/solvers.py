@@ -85,11 +85,11 @@ def heun_step(model_output, x_t, t, t_prev, schedule, *, x0_hat_first=None, pred
     With x0_hat_first the step is the corrector: x_t is the predictor's x_mid (at t_prev) and the
     model output is the model's at (x_mid, t_prev). The last step to σ = 0 is the predictor alone.
     """
-    history = () if x0_hat_first is None else ((x0_hat_first, t),)
-    times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, len(history), prediction, clip_denoised,
-                             time, first_name="x0_hat_first")
+    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
+    if x0_hat_first is not None:
+        check_like(x0_hat_first, "x0_hat_first", x_t, "x_t")
     mode = "euler" if x0_hat_first is None else "heun"
-    return euler_update(mode, model_output, x_t, times, schedule, first=x0s[0] if x0s else None, time=time,
+    return euler_update(mode, model_output, x_t, times, schedule, first=x0_hat_first, time=time,
                         prediction=prediction, clip=clip_denoised)
 
 
@@ -310,8 +310,7 @@ def _noise(noise, generator, x_t, wanted):
 # -- checks ------------------------------------------------------------------------------------
 
 
-def _check_step(model_output, x_t, t, t_prev, schedule, history, used, prediction, clip_denoised, time,
-                first_name="history"):
+def _check_step(model_output, x_t, t, t_prev, schedule, history, used, prediction, clip_denoised, time):
     """Validate a step's common arguments; returns ([t, t_prev, history times…], [history x0_hat…]), the
     history cut to its first `used` entries."""
     check_schedule(schedule)
@@ -328,12 +327,10 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
              _check_time(t_prev, "t_prev", x_t, schedule, time, end=True)]
     x0s = []
     for i, entry in enumerate(history[:used]):
-        name = first_name if first_name != "history" else f"history[{i}]"
-        if first_name == "history" and (not isinstance(entry, (tuple, list)) or len(entry) != 2):
-            raise TypeError(f"{name} must be an (x0_hat, t) pair, got {type(entry).__name__}")
-        check_like(entry[0], name if first_name != "history" else f"{name}[0]", x_t, "x_t")
-        if first_name == "history":
-            times.append(_check_time(entry[1], f"{name}[1]", x_t, schedule, time, end=False))
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+            raise TypeError(f"history[{i}] must be an (x0_hat, t) pair, got {type(entry).__name__}")
+        check_like(entry[0], f"history[{i}][0]", x_t, "x_t")
+        times.append(_check_time(entry[1], f"history[{i}][1]", x_t, schedule, time, end=False))
         x0s.append(entry[0])
     names = ["t", "t_prev"] + [f"history[{i}][1]" for i in range(len(times) - 2)]
     for name, value in zip(names, times):

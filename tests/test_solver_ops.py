@@ -2,7 +2,6 @@
 opcheck, torch.compile without graph breaks, the PTX for GPUs, and bad input."""
 import pytest
 import torch
-from conftest import use_backend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import NoiseSchedule
