@@ -26,8 +26,6 @@ import torch
 
 import fastddpm
 from fastddpm import NoiseSchedule
-from fastddpm import elbo as elbo_module
-from fastddpm.backend import use_triton
 
 from . import harness
 
@@ -54,8 +52,7 @@ def step_paths(schedule):
     options = dict(prediction="eps", variance="learned_range", clip_denoised=False, tanh_cdf=False)
 
     def fastddpm_path(output, x0, x_t, noise, t):
-        return fastddpm.functional.vb_terms_with_mse(output, x0, x_t, noise, t, schedule,
-                                                     triton_path=use_triton(x_t), **options)
+        return fastddpm.functional.vb_terms_with_mse(output, x0, x_t, noise, t, schedule, **options)
 
     def eager(output, x0, x_t, noise, t):
         return fastddpm.reference.vb_terms_with_mse(output, x0, x_t, noise, t, schedule, **options)
@@ -76,7 +73,7 @@ def full_loop(model, x0, schedule, backend):
         fastddpm.set_backend(backend)
         try:
             with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.dtype == torch.bfloat16):
-                return elbo_module.elbo_bpd(model, x0, schedule, variance="learned_range", progress=False,
+                return fastddpm.elbo_bpd(model, x0, schedule, variance="learned_range", progress=False,
                                             generator=torch.Generator(x0.device).manual_seed(0))
         finally:
             fastddpm.set_backend(previous)

@@ -111,7 +111,7 @@ def run(sizes=None, dtypes=DTYPES, device=None, weightings=WEIGHTINGS, providers
     for weighting in weightings:
         for dtype in dtypes:
             for size in sizes:
-                x0 = torch.randn(size, device=device, dtype=dtype)
+                x0 = (torch.rand(size, device=device) * 2 - 1).to(dtype)  # data in [-1, 1]
                 pred = torch.randn(size, device=device, dtype=dtype, requires_grad=True)
                 paths = loss_paths(schedule, weighting)
                 steps = {name: make_step(paths[name], x0, pred) for name in providers}

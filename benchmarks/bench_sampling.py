@@ -4,7 +4,7 @@ Providers, in one run:
 
 - fastddpm: `functional.p_sample_step`, as the sampler calls it. On CUDA the fused kernel (read
   x_t and eps, write x_{t-1}, noise drawn in the kernel); on CPU, under backend "auto", the
-  PyTorch path users get there (`sampling.eager_p_sample_step`), not the kernels.
+  PyTorch path users get there (`torch_ops.p_sample_step`), not the kernels.
 - eager: improved-diffusion's `GaussianDiffusion.p_sample` written out op by op (about 15 full
   passes: every coefficient broadcast to the full shape as its `_extract_into_tensor` does, the
   log variance exponentiated at full size, `randn_like`). Its tables live on the device here

@@ -82,3 +82,19 @@ def draw_seed(device, generator=None, count=1):
     if generator is None or generator.device == device:
         return torch.randint(0, 2 ** 62, (count,), device=device, generator=generator)
     return torch.randint(0, 2 ** 62, (count,), device=generator.device, generator=generator).to(device)
+
+
+def model_output(out, name="model"):
+    """The tensor a model returned: itself, a diffusers output's `.sample`, a tuple's first element or
+    a dict's "sample"; anything else is an error naming what was returned and what is accepted."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("sample"), torch.Tensor):
+        return out["sample"]
+    raise TypeError(f"{name} returned {type(out).__name__}: expected a tensor, an object with a .sample tensor "
+                    "(diffusers), a tuple whose first element is a tensor, or a dict with a 'sample' tensor")

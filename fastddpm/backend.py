@@ -1,17 +1,20 @@
-"""Which implementation runs: the Triton kernels or the float64-capable reference.
+"""Which implementation runs: the Triton kernels or the PyTorch path (fastddpm.torch_ops).
 
-"auto" (the default): Triton for CUDA tensors, the reference for CPU tensors.
+"auto" (the default): Triton for CUDA tensors, PyTorch for the others.
 "triton": the kernels everywhere; CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter).
-"reference": pure PyTorch everywhere.
-The environment variable FASTDDPM_BACKEND sets the starting value.
+"torch": PyTorch everywhere ("reference", its name in fastddpm 0.1, is accepted for it).
+Float64 inputs run the float64 reference (fastddpm.reference) whatever the backend. The
+environment variable FASTDDPM_BACKEND sets the starting value.
 """
 import os
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch")
+SYNONYMS = {"reference": "torch"}
 
 
 def set_backend(name):
     global _backend
+    name = SYNONYMS.get(name, name)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
@@ -28,7 +31,7 @@ set_backend(os.environ.get("FASTDDPM_BACKEND", "auto"))
 def use_triton(tensor):
     """True if the op on `tensor` should run the Triton kernel."""
     backend = get_backend()
-    if backend == "reference":
+    if backend == "torch":
         return False
     if tensor.device.type == "cuda":
         return True

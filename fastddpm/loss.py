@@ -1,23 +1,15 @@
-"""DiffusionLoss: one DDPM training loss call, noise drawn in the kernel and never stored."""
+"""DiffusionLoss: one DDPM training loss call, a thin module over `functional.diffusion_loss` and
+`functional.hybrid_loss`; on the kernels the noise is drawn in q-sample and never stored."""
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import functional, reference
-from ._checks import check_choice, check_float, check_generator, check_like, check_schedule, draw_seed
-from .backend import use_triton
-from .elbo import LossSecondMomentSampler
-from .kernels import q_sample as q_sample_kernel
+from ._checks import check_choice, check_float, check_generator, check_like, check_schedule, model_output
 from .options import PREDICTIONS, REDUCTIONS, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
-from .schedule import KERNEL_ROWS
-
-SQRT_AB_ROW = KERNEL_ROWS.index("sqrt_alphas_cumprod")
-SQRT_1M_AB_ROW = KERNEL_ROWS.index("sqrt_one_minus_alphas_cumprod")
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-# ATen's reduction codes. The loss calls aten::mse_loss itself: F.mse_loss's broadcast_tensors
-# adds an op and two autograd views per call for shapes the callers have already matched.
-NO_REDUCTION, MEAN_REDUCTION = 0, 1
+from .resample import LossSecondMomentSampler
 
 
 class NoiseState(NamedTuple):
@@ -38,8 +30,11 @@ class DiffusionLoss(nn.Module):
     reproducible), computes x_t with the noise drawn inside the q-sample kernel, calls
     `model(x_t, t, **model_kwargs)` and returns the fused loss, which regenerates the same
     noise from the seed: no noise tensor is ever written (4 full-tensor passes per step on
-    the triton backend: read x0, write x_t, read pred, write grad). On the reference backend
-    (CPU under "auto") the same calls materialise the noise and run `eager_diffusion_loss`.
+    the triton backend: read x0, write x_t, read pred, write grad). On the PyTorch path
+    (CPU under "auto") the same calls materialise the noise. The model may return a tensor, a
+    diffusers output's `.sample`, a tuple or a dict with "sample". `loss.backward()` may run twice
+    (retain_graph=True) on every backend: the kernel hands its precomputed gradient to the first
+    backward and recomputes it for a second. `state_dict()` holds the importance sampler's history.
     Under torch.compile(fullgraph=True) leave `generator` None (Dynamo cannot trace one):
     the global RNG then gives the same graph every step.
 
@@ -94,46 +89,40 @@ class DiffusionLoss(nn.Module):
         self.gamma = float(gamma)
         self.reduction = reduction
         self.variance = variance
-        # the bound enters through hybrid_loss: a learned variance, or the KL objective
-        self.bound_loss = "kl" if loss_type == "kl" else ("hybrid" if variance == "learned_range" else None)
+        self.loss_type = loss_type  # with a learned variance, "mse" is improved DDPM's hybrid loss
         self.vlb_weight = vlb_weight
         self.timestep_sampler = timestep_sampler
+        self._range_checked = False
 
     def forward(self, model, x0, *, generator=None, **model_kwargs):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
         x_t, t, state = self.noise(x0, generator=generator)
-        return self.loss(model(x_t, t, **model_kwargs), x0, state)
+        return self.loss(model_output(model(x_t, t, **model_kwargs)), x0, state)
+
+    def _check_data(self, x0):
+        """x0 is float data in [-1, 1]: uint8 images are refused with the scaling to use, values far
+        outside [-1, 1] warned about once (the first call's one host sync)."""
+        if isinstance(x0, torch.Tensor) and x0.dtype == torch.uint8:
+            raise TypeError("x0 must be float images scaled to [-1, 1], got uint8: pass x0.float() / 127.5 - 1")
+        check_float(x0, "x0")
+        if not self._range_checked:
+            self._range_checked = True
+            if float(x0.detach().abs().amax()) > 1.5:
+                warnings.warn("x0 has values far outside [-1, 1] (images in [0, 255] or [0, 1]?): DDPM schedules "
+                              "assume data scaled to [-1, 1]", stacklevel=3)
 
     def noise(self, x0, *, generator=None):
-        """(x_t, t, state): t drawn uniformly on x0's device, x_t = q_sample(x0, t, fresh noise).
-
-        One RNG launch draws the noise seed and the uniform t together (see
-        `kernels/q_sample.py`); t is valid by construction and not checked again."""
-        check_float(x0, "x0")
+        """(x_t, t, state): t drawn (uniformly, or by the importance sampler) on x0's device and
+        x_t = q_sample(x0, t, fresh noise); t is valid by construction and not checked again."""
+        self._check_data(x0)
         check_generator(generator)
-        device = x0.device
-        if self.timestep_sampler is None:
-            random = draw_seed(device, generator, count=x0.shape[0] + 1)
-            weights = None
-        else:
+        t = weights = None
+        if self.timestep_sampler is not None:
             t, weights = self.timestep_sampler.sample(x0.shape[0], generator=generator)
-            t, weights = t.to(device), weights.to(device)
-        if use_triton(x0):
-            table = self.schedule.kernel_table(device)
-            if weights is None:
-                x_t, t = q_sample_kernel.q_sample_drawing_t(x0, random, table)
-                return x_t, t, NoiseState(t, random[:1], None)
-            seed = draw_seed(device, generator)
-            return q_sample_kernel.q_sample(x0, t, None, table, seed)[0], t, NoiseState(t, seed, None, weights)
-        if weights is None:
-            t = random[1:] % self.schedule.num_timesteps  # the kernel path's t for the same draw
-        # The noise the reference draws (in x0's dtype), kept in the compute dtype where q-sample
-        # and the loss both read it (half inputs: one cast, not two).
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        if x0.dtype in HALF_DTYPES:
-            noise = noise.float()
-        return eager_q_sample(x0, t, noise, self.schedule), t, NoiseState(t, None, noise, weights)
+            t, weights = t.to(x0.device), weights.to(x0.device)
+        x_t, t, seed, noise = functional.training_noise(x0, self.schedule, t, generator)
+        return x_t, t, NoiseState(t, seed, noise, weights)
 
     def loss(self, model_output, x0, state):
         """The loss of `model_output` for the x_t that `noise(x0)` returned with `state`."""
@@ -141,7 +130,7 @@ class DiffusionLoss(nn.Module):
             raise TypeError(f"state must be the NoiseState returned by DiffusionLoss.noise, got {type(state).__name__}")
         weighted = state.importance_weights is not None
         reduction = "none" if weighted else self.reduction
-        if self.bound_loss is None:
+        if self.loss_type == "mse" and self.variance != "learned_range":
             # t and the noise come from `noise` (valid by construction): check only what the caller gives here
             check_float(x0, "x0")
             check_like(model_output, "model_output", x0, "x0")
@@ -153,7 +142,8 @@ class DiffusionLoss(nn.Module):
             losses = functional.hybrid_loss(model_output, x0, state.noise, state.t, self.schedule,
                                             prediction=self.prediction, weighting=self.weighting, gamma=self.gamma,
                                             reduction=reduction, seed=state.seed, vlb_weight=self.vlb_weight,
-                                            loss=self.bound_loss, variance=self.variance)
+                                            loss="kl" if self.loss_type == "kl" else "hybrid",
+                                            variance=self.variance)
         if not weighted:
             return losses
         self.timestep_sampler.update(state.t, losses.detach())
@@ -163,57 +153,12 @@ class DiffusionLoss(nn.Module):
         weighting = "tensor" if isinstance(self.weighting, torch.Tensor) else repr(self.weighting)
         return (f"T={self.schedule.num_timesteps}, prediction={self.prediction!r}, weighting={weighting}, "
                 f"gamma={self.gamma}, reduction={self.reduction!r}, variance={self.variance!r}, "
-                f"bound_loss={self.bound_loss!r}, timestep_sampler={type(self.timestep_sampler).__name__}")
+                f"loss_type={self.loss_type!r}, timestep_sampler={type(self.timestep_sampler).__name__}")
 
+    def get_extra_state(self):
+        """The importance sampler's loss history, so that `state_dict()` resumes it."""
+        return None if self.timestep_sampler is None else self.timestep_sampler.state_dict()
 
-def eager_diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
-                         reduction="mean"):
-    """`reference.diffusion_loss` through PyTorch's fused MSE kernels: the CPU path of
-    `functional.diffusion_loss`, with the memory passes of the eager peers (the mean MSE for
-    one weight for all; for per-sample weights, diffusers' min-SNR form, the MSE without
-    reduction then the per-sample mean) and coefficients and weights gathered from the
-    schedule's cached float32 tables. No argument checks: the callers validate (same shapes
-    and device). Same dtypes as the reference: float64 math and loss for float64 inputs, else float32.
-    """
-    target = _training_target(x0, t, noise, schedule, prediction)
-    pred = model_output if model_output.dtype == target.dtype else model_output.to(target.dtype)
-    if isinstance(weighting, str) and weighting == "simple" and reduction != "none":
-        loss = torch.ops.aten.mse_loss(pred, target, MEAN_REDUCTION)  # the mean of the per-sample means
-        return loss * x0.shape[0] if reduction == "sum" else loss
-    if target.dtype == torch.float64:
-        weights = schedule.loss_weights(weighting, prediction, gamma).to(t.device)
-    else:
-        weights = schedule.loss_weight_table(weighting, prediction, gamma, t.device)
-    per_sample = torch.ops.aten.mse_loss(pred, target, NO_REDUCTION).flatten(1).mean(1)
-    return reference.reduce_per_sample(weights.index_select(0, t) * per_sample, reduction)
-
-
-def eager_q_sample(x0, t, noise, schedule):
-    """`reference.q_sample` (x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] noise) for valid t, with the
-    coefficients of the cached float32 kernel table (float64 tables for float64 inputs) and
-    one temporary: x_t is built in place in the scaled x0 (plus the casts of half inputs).
-    Fastest with the noise already in the compute dtype (float32 for half inputs)."""
-    sqrt_ab, sqrt_1m_ab = _forward_coefficients(x0, t, schedule)
-    if x0.dtype == sqrt_ab.dtype:
-        return (x0 * sqrt_ab).addcmul_(noise, sqrt_1m_ab)
-    return x0.to(sqrt_ab.dtype).mul_(sqrt_ab).addcmul_(noise, sqrt_1m_ab).to(x0.dtype)
-
-
-def _forward_coefficients(x0, t, schedule):
-    """(sqrt_ab[t], sqrt_1m_ab[t]) as (B, 1, …, 1) tensors in x0's compute dtype."""
-    if x0.dtype == torch.float64:
-        return (reference.gather(schedule.sqrt_alphas_cumprod, t, x0),
-                reference.gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0))
-    rows = schedule.kernel_table(x0.device).index_select(1, t).view(len(KERNEL_ROWS), -1, *([1] * (x0.ndim - 1)))
-    return rows[SQRT_AB_ROW], rows[SQRT_1M_AB_ROW]
-
-
-def _training_target(x0, t, noise, schedule, prediction):
-    """`reference.training_target`: eps, x0 or v = sqrt_ab eps - sqrt_1m_ab x0, in the compute dtype."""
-    compute = reference.compute_dtype(x0)
-    if prediction == "eps":
-        return noise if noise.dtype == compute else noise.to(compute)
-    if prediction == "x0":
-        return x0.to(compute)
-    sqrt_ab, sqrt_1m_ab = _forward_coefficients(x0, t, schedule)
-    return sqrt_ab * noise.to(compute) - sqrt_1m_ab * x0.to(compute)
+    def set_extra_state(self, state):
+        if state is not None and self.timestep_sampler is not None:
+            self.timestep_sampler.load_state_dict(state)

@@ -8,7 +8,9 @@ REDUCTIONS = ("mean", "sum", "none")  # over the batch
 CLIP_OPTIONS = (False, True, "dynamic")  # clip_denoised: none, [-1, 1], Imagen's dynamic threshold
 LOSS_TYPES = ("hybrid", "kl")  # training on the bound: improved DDPM's hybrid loss, or the rescaled KL
 TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")  # how a training step draws t
-METHODS = ("ddpm", "ddim")  # sampling methods
+SOLVER_METHODS = ("dpm++2m", "dpm++3m", "dpm++2m-sde", "dpm++3m-sde", "euler", "euler-a", "heun", "unipc")
+METHODS = ("ddpm", "ddim") + SOLVER_METHODS  # sampling methods: ancestral, DDIM, the few-step solvers
+SPACINGS = ("linspace", "leading", "trailing")  # diffusers' timestep spacings
 STRATA = ("log", "equal")  # strata of the ELBO's K-sample estimate
 SCHEDULES = ("linear", "cosine")  # schedules the command line builds by name
 

@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 
 from ._checks import check_choice, check_schedule
+from .options import SPACINGS
 
-SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS = ("zero", "sigma_min")
 MULTISTEP_SCHEDULERS = ("dpmsolver", "unipc")
 ZERO_SNR_ALPHAS_CUMPROD = 2.0 ** -24  # diffusers' stand-in for ab = 0

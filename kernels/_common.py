@@ -197,7 +197,9 @@ def reduction_counter(device):
 
     One slot of a ring per device, taken in turn, so that launches in flight at once on
     different streams do not share a counter; allocated on first use (so once, outside any
-    CUDA graph capture, for the devices the schedules build their tables on)."""
+    CUDA graph capture, for the devices the schedules build their tables on). A launch that
+    raises (an assert under Triton's interpreter; on a GPU a failed kernel ends the context)
+    leaves its slot part-counted: its launcher zeroes it again then."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -93,12 +93,17 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
     partials = torch.empty(grid[0] * grid[1], device=pred.device, dtype=torch.float32)
     loss = torch.empty(grid[1] if reduction == "none" else (), device=pred.device, dtype=torch.float32)
     C, HW = channel_sizes(pred, channels_last)
-    diffusion_loss_kernel[grid](
-        pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
-        partials, reduction_counter(pred.device), loss, t, table, weights, seed if draw else t,
-        sample_numel(pred), table.shape[1], C, HW,
-        USE_EPS=use_eps, USE_X0=use_x0, DRAW_NOISE=draw, STORE_GRAD=store_grad, REDUCTION=REDUCTIONS[reduction],
-        CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
+    counter = reduction_counter(pred.device)
+    try:
+        diffusion_loss_kernel[grid](
+            pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
+            partials, counter, loss, t, table, weights, seed if draw else t,
+            sample_numel(pred), table.shape[1], C, HW,
+            USE_EPS=use_eps, USE_X0=use_x0, DRAW_NOISE=draw, STORE_GRAD=store_grad, REDUCTION=REDUCTIONS[reduction],
+            CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
+    except BaseException:
+        counter.zero_()  # an interrupted launch leaves the slot part-counted (see reduction_counter)
+        raise
     return loss, grad
 
 

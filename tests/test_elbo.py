@@ -13,7 +13,8 @@ import fastddpm
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
-from fastddpm.elbo import (LossSecondMomentSampler, collapsed_strata_stderr, elbo_bpd, stratified_timesteps,
+from fastddpm.resample import LossSecondMomentSampler
+from fastddpm.elbo import (collapsed_strata_stderr, elbo_bpd, stratified_timesteps,
                            stratum_edges)
 
 # -- the importance sampler ---------------------------------------------------------------------
@@ -192,11 +193,13 @@ def images(shape, seed=0):
                                                   ("fixed_large", "x0")])
 def test_full_loop_is_improved_diffusions_calc_bpd_loop(triton_backend, variance, prediction):
     """t from T-1 down to 0, a fresh eps for each (drawn in that order from the generator), the
-    vb term and the MSEs at every t (column t), total = prior + sum of the vb terms."""
+    vb term and the MSEs at every t (column t), total = prior + sum of the vb terms; x0_hat
+    clipped by default, as calc_bpd_loop."""
     x0 = images((2, 3, 4, 5))
     model = TinyModel(out_scale=2 if variance == "learned_range" else 1)
     options = dict(prediction=prediction, variance=variance)
     result = elbo_bpd(model, x0, SMALL, generator=torch.Generator().manual_seed(5), progress=False, **options)
+    options["clip_denoised"] = True
     generator = torch.Generator().manual_seed(5)
     for step in reversed(range(SMALL.num_timesteps)):
         t = torch.full((2,), step)
@@ -205,7 +208,7 @@ def test_full_loop_is_improved_diffusions_calc_bpd_loop(triton_backend, variance
         output = model(x_t, t).double()
         vb = R.vb_terms_bpd(output, x0.double(), x_t.double(), t, SMALL, **options)
         x0_hat, eps_hat = R.x0_eps_from_output(R.split_model_output(output, x_t, variance)[0], x_t.double(), t, SMALL,
-                                               prediction)
+                                               prediction, clip_denoised=True)
         torch.testing.assert_close(result["vb"][:, step].double(), vb, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(result["mse"][:, step].double(), (eps_hat - noise).square().flatten(1).mean(1),
                                    rtol=1e-4, atol=1e-6)
@@ -229,7 +232,7 @@ def test_backends_and_batched_timesteps_agree(triton_backend):
         for key in base:
             torch.testing.assert_close(batched[key], base[key], rtol=1e-6, atol=1e-7)
     fastddpm.set_backend("reference")
-    reference = F.elbo_bpd(model, x0, SMALL, generator=torch.Generator().manual_seed(0), **options)
+    reference = elbo_bpd(model, x0, SMALL, generator=torch.Generator().manual_seed(0), **options)
     for key in ("mse", "xstart_mse", "prior_bpd"):
         torch.testing.assert_close(reference[key], base[key], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(reference["vb"][:, 1:], base["vb"][:, 1:], rtol=1e-4, atol=1e-6)

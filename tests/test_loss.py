@@ -482,3 +482,15 @@ def test_compiled_training_step_has_one_graph_and_never_recompiles(any_backend):
 def test_diffusion_loss_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_launch_stopped_by_a_bad_t_leaves_the_next_loss_right(triton_backend):
+    """The finishing program's arrival counter is zeroed again when a launch raises midway (here
+    the device assert of an out-of-range t in the second sample, after the first counted in)."""
+    pred, x0, noise, t = inputs((2, 3, 5, 7))
+    for _ in range(64):  # every slot of the ring of counters
+        with pytest.raises(Exception, match="t must lie in"):
+            F.diffusion_loss(pred, x0, noise, torch.tensor([3, 1000]), SCHEDULE)
+    exact = R.diffusion_loss(pred.double(), x0.double(), noise.double(), t, SCHEDULE)
+    for _ in range(64):
+        torch.testing.assert_close(F.diffusion_loss(pred, x0, noise, t, SCHEDULE).double(), exact, rtol=2e-5, atol=0)

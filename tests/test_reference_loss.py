@@ -1,4 +1,4 @@
-"""The loss on the PyTorch CPU path (`loss.eager_diffusion_loss`, what `functional.diffusion_loss`
+"""The loss on the PyTorch CPU path (`torch_ops.diffusion_loss`, what `functional.diffusion_loss`
 runs off Triton) and on the fused kernel, against outside definitions: diffusers' min-SNR
 training loss and the ELBO's KL term."""
 import math
@@ -11,7 +11,7 @@ import torch.nn.functional as torch_F
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
-from fastddpm.loss import eager_diffusion_loss
+from fastddpm import torch_ops
 
 diffusers = pytest.importorskip("diffusers")
 GAMMA = 5.0
@@ -94,10 +94,11 @@ def test_cpu_path_is_the_reference(prediction, weighting, dtype):
     schedule = NoiseSchedule.cosine(1000)
     pred, x0, noise, t = (x.to(dtype) if x.is_floating_point() else x for x in batch((6, 2, 5, 7)))
     results = []
-    for fn in (eager_diffusion_loss, R.diffusion_loss):
+    for fn in (torch_ops.diffusion_loss, R.diffusion_loss):
         for reduction in ("mean", "sum", "none"):
             leaf = pred.clone().requires_grad_()
-            loss = fn(leaf, x0, noise, t, schedule, prediction=prediction, weighting=weighting, reduction=reduction)
+            loss = fn(leaf, x0, noise, t, schedule, prediction=prediction, weighting=weighting, gamma=5.0,
+                      reduction=reduction)
             (loss * torch.linspace(0.5, 2, loss.numel()).reshape(loss.shape)).sum().backward()
             results.append((loss.detach(), leaf.grad))
     for (ours, our_grad), (exact, exact_grad) in zip(results[:3], results[3:]):

@@ -11,7 +11,7 @@ from helpers import SYNC_OPS, recorded_calls
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
-from fastddpm.sampling import respace, sample, space_timesteps
+from fastddpm import respace, sample, space_timesteps
 
 T = 1000
 

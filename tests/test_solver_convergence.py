@@ -1,6 +1,6 @@
 """The solvers as ODE/SDE solvers, on Gaussian data N(μ, s²) whose optimal denoiser and probability-flow
 ODE solution are closed forms: convergence orders, exactness where the method is exact, and the law of
-the samples sample_solver draws."""
+the samples sample draws."""
 import math
 
 import pytest
@@ -8,8 +8,9 @@ import torch
 from conftest import use_backend
 
 from fastddpm import NoiseSchedule
-from fastddpm import solvers as S
-from fastddpm.solver_sampling import sample_solver
+from fastddpm.functional import solvers as S
+from fastddpm.reference import solvers as RS
+from fastddpm import sample
 
 MU, S_DATA = 0.3, 0.5
 # Triton's interpreter (numpy) warns on log(0) = -inf, the λ of the final σ = 0
@@ -131,19 +132,19 @@ def test_exact_for_data_predictions_linear_in_lambda(schedule):
                                                   ("euler-a", 400, "reference"), ("unipc", 25, "triton"),
                                                   ("heun", 25, "reference")])
 def test_samples_have_the_data_law(schedule, method, steps, backend):
-    """sample_solver with the optimal model for N(μ, s²) data draws samples of mean μ and std s (the
+    """sample with the optimal model for N(μ, s²) data draws samples of mean μ and std s (the
     first-order Euler ancestral needs hundreds of steps for that: at 25 its std is 0.40)."""
     def model(x_t, t):
-        return output(x_t, S.sigma_of(t, schedule, "timestep").to(x_t.dtype), "eps")
+        return output(x_t, RS.sigma_of(t, schedule, "timestep").to(x_t.dtype), "eps")
 
     generator = torch.Generator().manual_seed(0)
     with use_backend(backend):
-        samples = sample_solver(model, (4, 4, 16, 16), schedule, method, steps, generator=generator, progress=False)
+        samples = sample(model, (4, 4, 16, 16), schedule, method=method, steps=steps, generator=generator, progress=False)
     assert abs(float(samples.mean()) - MU) < 0.025 and abs(float(samples.std()) - S_DATA) < 0.025
 
 
 def test_callback_sees_every_step(schedule):
     seen = []
-    sample_solver(lambda x, t: 0.1 * x, (2, 3, 4, 4), schedule, "unipc", 6, progress=False,
+    sample(lambda x, t: 0.1 * x, (2, 3, 4, 4), schedule, method="unipc", steps=6, progress=False,
                   callback=lambda info: seen.append((info["step"], info["t"].dtype, info["x0_hat"].shape)))
     assert seen == [(k, torch.int64, (2, 3, 4, 4)) for k in range(6)]

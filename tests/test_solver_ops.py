@@ -6,9 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
-from fastddpm import solvers as S
+from fastddpm.functional import solvers as S
+from fastddpm.reference import solvers as RS
 from fastddpm.kernels import solvers as K
-from fastddpm.solver_sampling import guided_model, sample_solver
+from fastddpm import sample
+from fastddpm.guidance import ClassifierFreeGuidance
 
 # Triton's interpreter (numpy) warns on log(0) = -inf, the λ of the final σ = 0
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
@@ -50,7 +52,7 @@ def test_drawn_noise_is_q_samples_philox_stream(triton_backend, schedule, family
 
     drawn, quiet = step(seed=seed), step(noise=torch.zeros_like(x_t))
     assert torch.equal(drawn, step(seed=seed))
-    sigmas = S.sigma_of(torch.cat([t, t_prev]), schedule, "timestep")
+    sigmas = RS.sigma_of(torch.cat([t, t_prev]), schedule, "timestep")
     sigma, sigma_next = sigmas[:2], sigmas[2:]
     alpha_next = (1 + sigma_next ** 2).rsqrt()
     if family == "sde":
@@ -87,10 +89,10 @@ def test_sampling_loop_is_one_fused_op_per_step_without_host_sync(triton_backend
         return x * 0.5
 
     x_T = torch.randn(SHAPE)
-    sample_solver(model, SHAPE, schedule, method, steps, x_T=x_T, progress=False)  # compiles the kernels
+    sample(model, SHAPE, schedule, method=method, steps=steps, x_T=x_T, progress=False)  # compiles the kernels
     with log:
         calls.clear()
-        sample_solver(model, SHAPE, schedule, method, steps, x_T=x_T, progress=False)
+        sample(model, SHAPE, schedule, method=method, steps=steps, x_T=x_T, progress=False)
     loop = log.ops[calls[0]:]  # from the first model call on
     model_calls = 2 * steps - 1 if method == "heun" else steps
     op = {"dpm++3m-sde": "fastddpm.dpm_solver_step.default", "unipc": "fastddpm.unipc_step.default"}.get(
@@ -238,16 +240,16 @@ def test_seed_needs_the_triton_backend(reference_backend, schedule):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(method="ddim"), ValueError, "method must be one of"),
+    (dict(method="ddpm2"), ValueError, "method must be one of"),
     (dict(steps=0), ValueError, "num_inference_steps must be a positive int"),
     (dict(spacing="uniform"), ValueError, "spacing must be one of"),
     (dict(method="heun", final_sigmas_type="sigma_min"), ValueError, "final_sigmas_type must be 'zero'"),
     (dict(method="euler", lu_lambdas=True), ValueError, "lu_lambdas is a DPM-Solver option"),
     (dict(solver_type="bh2"), ValueError, "solver_type must be one of"),
-    (dict(clip_denoised="dynamic"), ValueError, "clip_denoised must be one of"),
+    (dict(clip_denoised="dynamic"), ValueError, "clip_denoised='dynamic' is for DDPM and DDIM"),
     (dict(noise_fn=3), TypeError, "noise_fn must be callable"),
     (dict(callback="print"), TypeError, "callback must be callable"),
-    (dict(x_T=torch.zeros(1, 3, 8, 8)), ValueError, "x_T must be a tensor of shape"),
+    (dict(x_T=torch.zeros(1, 3, 8, 8)), ValueError, "x_T must have shape"),
     (dict(dtype=torch.int64), TypeError, "dtype must be one of"),
     (dict(shape=(2,)), ValueError, "shape must be a tuple"),
     (dict(steps_offset=-1), ValueError, "steps_offset must be an int >= 0"),
@@ -257,7 +259,7 @@ def test_seed_needs_the_triton_backend(reference_backend, schedule):
 def test_sample_solver_bad_input(schedule, kwargs, error, match):
     arguments = {**dict(shape=SHAPE, method="dpm++2m", steps=4, progress=False), **kwargs}
     with pytest.raises(error, match=match):
-        sample_solver(arguments.pop("model", lambda x, t: x), arguments.pop("shape"), schedule, **arguments)
+        sample(arguments.pop("model", lambda x, t: x), arguments.pop("shape"), schedule, **arguments)
 
 
 def test_guided_model_batches_cond_and_uncond(schedule):
@@ -267,9 +269,9 @@ def test_guided_model_batches_cond_and_uncond(schedule):
         seen.append(x.shape[0])
         return x + y.reshape(-1, 1, 1, 1).float()
 
-    guided = guided_model(model, 3.0, {"y": torch.tensor([1, 1])}, {"y": torch.tensor([0, 0])})
+    guided = ClassifierFreeGuidance(model, 3.0, {"y": torch.tensor([1, 1])}, {"y": torch.tensor([0, 0])})
     x = torch.randn(SHAPE)
     torch.testing.assert_close(guided(x, torch.tensor([5, 5])), x + 3.0)
     assert seen == [4]
     with pytest.raises(ValueError, match="null_kwargs must have the keys"):
-        guided_model(model, 3.0, {"y": torch.tensor([1])}, {})
+        ClassifierFreeGuidance(model, 3.0, {"y": torch.tensor([1])}, {})

@@ -7,7 +7,7 @@ import torch
 from conftest import SHAPES, TOLERANCES, make_layout, use_backend
 
 from fastddpm import NoiseSchedule
-from fastddpm import solvers as S
+from fastddpm.functional import solvers as S
 from fastddpm.timesteps import interp_sigmas, solver_sigmas
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

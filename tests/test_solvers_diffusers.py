@@ -5,9 +5,9 @@ import torch
 from conftest import use_backend
 
 from fastddpm import NoiseSchedule
-from fastddpm import solvers as S
+from fastddpm.functional import solvers as S
 from fastddpm import timesteps as TS
-from fastddpm.solver_sampling import sample_solver
+from fastddpm import sample
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # diffusers' numpy-2 warnings
@@ -222,6 +222,6 @@ def test_sample_solver_matches_diffusers(schedule, method, backend):
         return torch.randn(SHAPE, generator=ours_generator) if method == "euler-a" else noise[k]
 
     with use_backend(backend):
-        ours = sample_solver(model, SHAPE, schedule, method, steps, x_T=start.contiguous(), noise_fn=noise_fn,
+        ours = sample(model, SHAPE, schedule, method=method, steps=steps, x_T=start.contiguous(), noise_fn=noise_fn,
                              progress=False)
     assert_close(ours, y, method)

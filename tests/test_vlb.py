@@ -91,7 +91,7 @@ def test_mse_statistics_of_the_bpd_loop(triton_backend, clip):
     for prediction in PREDICTIONS:
         output, x0, x_t, noise, t = make_inputs((3, 3, 4, 5), prediction=prediction, variance="learned_range")
         options = dict(prediction=prediction, variance="learned_range", clip_denoised=clip, tanh_cdf=False)
-        vb, x0_mse, eps_mse = F.vb_terms_with_mse(output, x0, x_t, noise, t, SCHEDULE, triton_path=True, **options)
+        vb, x0_mse, eps_mse = F.vb_terms_with_mse(output, x0, x_t, noise, t, SCHEDULE, **options)
         exact = R.vb_terms_with_mse(output.double(), x0.double(), x_t.double(), noise.double(), t, SCHEDULE,
                                     **options)
         for actual, expected in zip((vb, x0_mse, eps_mse), exact):

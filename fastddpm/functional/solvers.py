@@ -19,12 +19,12 @@ the float64-capable reference below (`reference_*`), by `fastddpm.backend.use_tr
 """
 import torch
 
-from . import reference
-from ._checks import (check_choice, check_float, check_generator, check_like, check_schedule, check_timesteps,
-                      draw_seed)
-from .backend import use_triton
-from .schedule import PREDICTIONS
-from .timesteps import interp_sigmas, solver_sigmas
+from fastddpm._checks import (check_choice, check_float, check_generator, check_like, check_schedule,
+                              check_timesteps, draw_seed)
+from fastddpm.backend import use_triton
+from fastddpm.kernels import solvers as solver_kernel
+from fastddpm.options import PREDICTIONS
+from fastddpm.reference import solvers as solver_reference
 
 TIMES = ("timestep", "sigma")
 SOLVERS = ("dpmsolver++", "sde-dpmsolver++")
@@ -122,13 +122,12 @@ def dpm_solver_update(model_output, x_t, times, x0s, schedule, *, time, sde, heu
                       clip):
     """x0s: the history's x0_hat (as many as the order needs); times: t, t_prev and the history's times."""
     if use_triton(x_t):
-        from fastddpm.kernels import solvers as K
         h1, h2 = (list(x0s) + [None, None])[:2]
-        return K.run(K.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], seed,
+        return solver_kernel.run(solver_kernel.dpm_solver_step_op, model_output, x_t, [h1, h2, noise], seed,
                      *_four(times), schedule.kernel_table(x_t.device), prediction, 1 + len(x0s), sde, heun,
                      bool(clip), kernel_time(times[0], time))
-    sigmas = [sigma_of(s, schedule, time) for s in times]
-    return reference_dpm_solver(model_output, x_t, sigmas, x0s, sde=sde, heun=heun,
+    sigmas = [solver_reference.sigma_of(s, schedule, time) for s in times]
+    return solver_reference.dpm_solver(model_output, x_t, sigmas, x0s, sde=sde, heun=heun,
                                 noise=_noise(noise, generator, x_t, sde), prediction=prediction, clip=clip)
 
 
@@ -136,25 +135,23 @@ def euler_update(mode, model_output, x_t, times, schedule, *, time, first=None, 
                  generator=None, prediction, clip):
     """mode "euler", "ancestral" or "heun" (the corrector, `first` the predictor's x0_hat)."""
     if use_triton(x_t):
-        from fastddpm.kernels import solvers as K
-        return K.run(K.euler_step_op, model_output, x_t, [first, noise], seed, times[0],
+        return solver_kernel.run(solver_kernel.euler_step_op, model_output, x_t, [first, noise], seed, times[0],
                      times[1], schedule.kernel_table(x_t.device), prediction, mode, bool(clip),
                      kernel_time(times[0], time))
-    sigma, sigma_next = (sigma_of(s, schedule, time) for s in times[:2])
+    sigma, sigma_next = (solver_reference.sigma_of(s, schedule, time) for s in times[:2])
     if mode == "heun":
-        return reference_heun_correction(model_output, x_t, sigma, sigma_next, first, prediction=prediction, clip=clip)
+        return solver_reference.heun_correction(model_output, x_t, sigma, sigma_next, first, prediction=prediction, clip=clip)
     noise = _noise(noise, generator, x_t, mode == "ancestral")
-    return reference_euler(model_output, x_t, sigma, sigma_next, noise=noise, prediction=prediction, clip=clip)
+    return solver_reference.euler(model_output, x_t, sigma, sigma_next, noise=noise, prediction=prediction, clip=clip)
 
 
 def unipc_update(model_output, x_t, times, x0s, schedule, *, time, order, corrector_order, prediction, clip):
     if use_triton(x_t):
-        from fastddpm.kernels import solvers as K
         h1, h2 = (list(x0s) + [None, None])[:2]
-        return K.run(K.unipc_step_op, model_output, x_t, [h1, h2], *_four(times), schedule.kernel_table(x_t.device),
+        return solver_kernel.run(solver_kernel.unipc_step_op, model_output, x_t, [h1, h2], *_four(times), schedule.kernel_table(x_t.device),
                      prediction, order, corrector_order, bool(clip), kernel_time(times[0], time))
-    sigmas = [sigma_of(s, schedule, time) for s in times]
-    return reference_unipc(model_output, x_t, sigmas, x0s, order=order, corrector_order=corrector_order,
+    sigmas = [solver_reference.sigma_of(s, schedule, time) for s in times]
+    return solver_reference.unipc(model_output, x_t, sigmas, x0s, order=order, corrector_order=corrector_order,
                            prediction=prediction, clip=clip)
 
 
@@ -165,140 +162,6 @@ def kernel_time(t, time):
 
 def _four(times):
     return list(times) + [None] * (4 - len(times))
-
-
-# -- the reference (float64 math for float64 inputs, float32 otherwise; coefficients in float64) ----
-
-
-def sigma_of(t, schedule, time):
-    """float64 σ of each time: a gather (int), np.interp (float timesteps) or σ itself; the end -1 is 0."""
-    if time == "sigma":
-        return t.to(torch.float64)
-    table = solver_sigmas(schedule).to(t.device)
-    if t.is_floating_point():
-        return torch.where(t >= 0, interp_sigmas(t.clamp(min=0), table), 0.0)
-    return torch.where(t >= 0, table[t.clamp(min=0)], 0.0)
-
-
-def _alpha(sigma):
-    """α = 1/sqrt(1 + σ²): x_t = α x0 + σα eps."""
-    return (1 + sigma ** 2).rsqrt()
-
-
-def _x0_hat(model_output, x_t, sigma, prediction, clip):
-    """x0_hat in the compute dtype: eps (x - s out)/α, x0 out, v α x - s out; clipped to [-1, 1] if clip."""
-    channels = x_t.shape[1]
-    out = reference._up(model_output[:, :channels], x_t)
-    x = reference._up(x_t, x_t)
-    alpha, s = _expand(_alpha(sigma), x_t), _expand(sigma * _alpha(sigma), x_t)
-    if prediction == "eps":
-        x0 = (x - s * out) / alpha
-    elif prediction == "v":
-        x0 = alpha * x - s * out
-    else:
-        x0 = out
-    return x0.clamp(-1, 1) if clip else x0
-
-
-def reference_dpm_solver(model_output, x_t, sigmas, history, *, sde, heun, noise, prediction, clip):
-    """DPM-Solver++ of order 1 + len(history) (diffusers' multistep_dpm_solver_*_order_update, the SDE
-    third order as k-diffusion's sample_dpmpp_3m_sde); sigmas (σ_s, σ_t, σ of the history)."""
-    sigma_s, sigma_t = sigmas[:2]
-    m0 = _x0_hat(model_output, x_t, sigma_s, prediction, clip)
-    m = [m0] + [reference._up(x0, x_t) for x0 in history]
-    final = sigma_t == 0  # every order's limit there is the first-order step
-    lam = [-s.log() for s in sigmas]
-    h = lam[1] - lam[0]
-    alpha_t = _alpha(sigma_t)
-    e = sigma_t / sigma_s  # exp(-h)
-    ratio = sigma_t * alpha_t / (sigma_s * _alpha(sigma_s))
-    phi, H = (1 - e ** 2, 2 * h) if sde else (1 - e, h)
-    x = _expand(ratio * e if sde else ratio, x_t) * reference._up(x_t, x_t) + _expand(alpha_t * phi, x_t) * m0
-    if len(m) >= 2:
-        r0 = torch.where(final, 1.0, (lam[0] - lam[2]) / h)
-        d1_0 = (m0 - m[1]) / _expand(r0, x_t)
-        if len(m) == 2:
-            d1 = d1_0
-            b1 = alpha_t * (1 - phi / H) if heun else 0.5 * alpha_t * phi
-        else:
-            r1 = torch.where(final, 1.0, (lam[2] - lam[3]) / h)
-            d1_1 = (m[1] - m[2]) / _expand(r1, x_t)
-            d1 = d1_0 + _expand(r0 / (r0 + r1), x_t) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / _expand(r0 + r1, x_t)
-            b1 = alpha_t * (1 - phi / H)
-            x = x + _expand(torch.where(final, 0.0, alpha_t * ((phi - H) / H ** 2 + 0.5)), x_t) * d2
-        x = x + _expand(torch.where(final, 0.0, b1), x_t) * d1
-    if sde:
-        x = x + _expand(sigma_t * alpha_t * phi.sqrt(), x_t) * reference._up(noise, x_t)
-    return x.to(x_t.dtype), m0.to(x_t.dtype)
-
-
-def reference_euler(model_output, x_t, sigma, sigma_next, *, noise, prediction, clip):
-    """Euler (noise None) or Euler ancestral on y = x_t sqrt(1 + σ²) (diffusers' Euler schedulers):
-    d = (y - x0)/σ, y' = y + (σ_down - σ) d (+ σ_up z), x' = y'/sqrt(1 + σ'²)."""
-    x0 = _x0_hat(model_output, x_t, sigma, prediction, clip)
-    if noise is None:
-        sigma_up, sigma_down = torch.zeros_like(sigma), sigma_next
-    else:
-        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).sqrt()
-        sigma_down = (sigma_next ** 2 - sigma_up ** 2).clamp(min=0).sqrt()
-    y = reference._up(x_t, x_t) / _expand(_alpha(sigma), x_t)
-    d = (y - x0) / _expand(sigma, x_t)
-    y = y + _expand(sigma_down - sigma, x_t) * d
-    if noise is not None:
-        y = y + _expand(sigma_up, x_t) * reference._up(noise, x_t)
-    return (y * _expand(_alpha(sigma_next), x_t)).to(x_t.dtype), x0.to(x_t.dtype)
-
-
-def reference_heun_correction(model_output, x_mid, sigma, sigma_next, x0_first, *, prediction, clip):
-    """Heun's corrector: y' = y + (σ' - σ)(d1 + d2)/2 with y = y_mid - (σ' - σ) d1, d1 = (y_mid - x0_first)/σ'
-    (the predictor's slope, also (y - x0_first)/σ), d2 = (y_mid - x0)/σ'; no correction where σ' = 0."""
-    x0 = _x0_hat(model_output, x_mid, sigma_next, prediction, clip)
-    y_mid = reference._up(x_mid, x_mid) / _expand(_alpha(sigma_next), x_mid)
-    safe = _expand(torch.where(sigma_next > 0, sigma_next, 1.0), x_mid)
-    d1 = (y_mid - reference._up(x0_first, x_mid)) / safe
-    d2 = (y_mid - x0) / safe
-    y = y_mid + _expand(torch.where(sigma_next > 0, sigma_next - sigma, 0.0), x_mid) * (d2 - d1) / 2
-    return (y * _expand(_alpha(sigma_next), x_mid)).to(x_mid.dtype), x0.to(x_mid.dtype)
-
-
-def reference_unipc(model_output, x_t, sigmas, history, *, order, corrector_order, prediction, clip):
-    """UniPC-bh2, predict_x0 (diffusers' multistep_uni_c_bh_update then multistep_uni_p_bh_update). The
-    corrector needs the previous predictor's input only through its output x_t: x_c = x_t - α B(h)
-    (corrector residual - the previous predictor's residual)."""
-    sigma = sigmas[0]
-    m0 = _x0_hat(model_output, x_t, sigma, prediction, clip)
-    m = [m0] + [reference._up(x0, x_t) for x0 in history]
-    lam = [-s.log() for s in sigmas]
-    x = reference._up(x_t, x_t)
-    if corrector_order:
-        h = lam[0] - lam[2]
-        b_h = torch.expm1(-h)
-        if corrector_order == 1:
-            residual = 0.5 * (m0 - m[1])
-        else:
-            r = (lam[3] - lam[2]) / h
-            phi_k1 = b_h / -h - 1
-            b1, b2 = phi_k1 / b_h, 2 * (phi_k1 / -h - 0.5) / b_h
-            rho0 = (b1 - b2) / (1 - r)  # [[1, 1], [r, 1]] ρ = (b1, b2)
-            d1 = (m[2] - m[1]) / _expand(r, x_t)
-            residual = _expand(rho0 - 0.5, x_t) * d1 + _expand(b1 - rho0, x_t) * (m0 - m[1])
-        x = x - _expand(_alpha(sigma) * b_h, x_t) * residual
-    sigma_next = sigmas[1]
-    final = sigma_next == 0
-    h = lam[1] - lam[0]
-    b_h = torch.expm1(-h)
-    alpha_next = _alpha(sigma_next)
-    x_next = _expand(sigma_next * alpha_next / (sigma * _alpha(sigma)), x_t) * x - _expand(alpha_next * b_h, x_t) * m0
-    if order == 2:
-        r = torch.where(final, 1.0, (lam[2] - lam[0]) / h)
-        x_next = x_next - _expand(torch.where(final, 0.0, 0.5 * alpha_next * b_h), x_t) * (m[1] - m0) / _expand(r, x_t)
-    return x_next.to(x_t.dtype), m0.to(x_t.dtype)
-
-
-def _expand(coefficient, like):
-    """A (B,) float64 coefficient as (B, 1, …, 1) in like's compute dtype."""
-    return coefficient.to(reference.compute_dtype(like)).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _noise(noise, generator, x_t, wanted):

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .options import DYNAMIC_THRESHOLD_PERCENTILE
+from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 
 
 
@@ -24,7 +24,8 @@ def gather(table, t, like):
     return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _up(x, like):
+def upcast(x, like):
+    """x in like's compute dtype."""
     return x.to(compute_dtype(like))
 
 
@@ -33,15 +34,15 @@ def _up(x, like):
 
 def q_sample(x0, t, noise, schedule):
     """x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps (math.md section 3)."""
-    x_t = torch.addcmul(gather(schedule.sqrt_alphas_cumprod, t, x0) * _up(x0, x0),
-                        gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0), _up(noise, x0))
+    x_t = torch.addcmul(gather(schedule.sqrt_alphas_cumprod, t, x0) * upcast(x0, x0),
+                        gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0), upcast(noise, x0))
     return x_t.to(x0.dtype)
 
 
 def q_posterior(x0, x_t, t, schedule):
     """Mean, variance and log variance of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1)."""
-    mean = gather(schedule.posterior_mean_coef1, t, x_t) * _up(x0, x_t) \
-        + gather(schedule.posterior_mean_coef2, t, x_t) * _up(x_t, x_t)
+    mean = gather(schedule.posterior_mean_coef1, t, x_t) * upcast(x0, x_t) \
+        + gather(schedule.posterior_mean_coef2, t, x_t) * upcast(x_t, x_t)
     variance = gather(schedule.posterior_variance, t, x_t)
     log_variance = gather(schedule.posterior_log_variance_clipped, t, x_t)
     return mean.to(x_t.dtype), variance.to(x_t.dtype), log_variance.to(x_t.dtype)
@@ -51,37 +52,39 @@ def q_posterior(x0, x_t, t, schedule):
 
 
 def predict_x0_from_eps(x_t, t, eps, schedule):
-    return gather(schedule.sqrt_recip_alphas_cumprod, t, x_t) * _up(x_t, x_t) \
-        - gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * _up(eps, x_t)
+    return gather(schedule.sqrt_recip_alphas_cumprod, t, x_t) * upcast(x_t, x_t) \
+        - gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * upcast(eps, x_t)
 
 
 def predict_eps_from_x0(x_t, t, x0, schedule):
-    return (gather(schedule.sqrt_recip_alphas_cumprod, t, x_t) * _up(x_t, x_t) - _up(x0, x_t)) \
-        / gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
+    """(sqrt_recip_ab x_t - x0) / sqrt_recipm1_ab, written as (x_t - sqrt_ab x0) / sqrt_1m_ab: finite
+    where ab = 0 (zero terminal SNR)."""
+    return (upcast(x_t, x_t) - gather(schedule.sqrt_alphas_cumprod, t, x_t) * upcast(x0, x_t)) \
+        / gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
 
 
 def predict_x0_from_v(x_t, t, v, schedule):
-    return gather(schedule.sqrt_alphas_cumprod, t, x_t) * _up(x_t, x_t) \
-        - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * _up(v, x_t)
+    return gather(schedule.sqrt_alphas_cumprod, t, x_t) * upcast(x_t, x_t) \
+        - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * upcast(v, x_t)
 
 
 def predict_eps_from_v(x_t, t, v, schedule):
-    return gather(schedule.sqrt_alphas_cumprod, t, x_t) * _up(v, x_t) \
-        + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * _up(x_t, x_t)
+    return gather(schedule.sqrt_alphas_cumprod, t, x_t) * upcast(v, x_t) \
+        + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x_t) * upcast(x_t, x_t)
 
 
 def v_target(x0, t, noise, schedule):
     """v = sqrt_ab eps - sqrt_1m_ab x0 (Salimans & Ho)."""
-    return gather(schedule.sqrt_alphas_cumprod, t, x0) * _up(noise, x0) \
-        - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * _up(x0, x0)
+    return gather(schedule.sqrt_alphas_cumprod, t, x0) * upcast(noise, x0) \
+        - gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * upcast(x0, x0)
 
 
 def training_target(x0, t, noise, schedule, prediction):
     """a[t] eps + c[t] x0 for the given prediction (math.md section 5), compute dtype."""
     if prediction == "eps":
-        return _up(noise, x0)
+        return upcast(noise, x0)
     if prediction == "x0":
-        return _up(x0, x0)
+        return upcast(x0, x0)
     return v_target(x0, t, noise, schedule)
 
 
@@ -109,12 +112,12 @@ def x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip_denoised
     if prediction == "eps":
         x0_hat = predict_x0_from_eps(x_t, t, model_output, schedule)
     elif prediction == "x0":
-        x0_hat = _up(model_output, x_t)
+        x0_hat = upcast(model_output, x_t)
     else:
         x0_hat = predict_x0_from_v(x_t, t, model_output, schedule)
     processed = process_x0(x0_hat, clip_denoised)
     if prediction == "eps" and processed is x0_hat:
-        return x0_hat, _up(model_output, x_t)
+        return x0_hat, upcast(model_output, x_t)
     if prediction == "v" and processed is x0_hat:
         return x0_hat, predict_eps_from_v(x_t, t, model_output, schedule)
     return processed, predict_eps_from_x0(x_t, t, processed, schedule)
@@ -129,7 +132,7 @@ def model_log_variance(var_output, x_t, t, schedule, variance):
         return gather(schedule.posterior_log_variance_clipped, t, x_t)
     if variance == "fixed_large":
         return gather(schedule.fixed_large_log_variance, t, x_t)
-    frac = (_up(var_output, x_t) + 1) / 2
+    frac = (upcast(var_output, x_t) + 1) / 2
     return frac * gather(schedule.log_betas, t, x_t) \
         + (1 - frac) * gather(schedule.posterior_log_variance_clipped, t, x_t)
 
@@ -140,7 +143,7 @@ def _p_mean_log_variance(model_output, x_t, t, schedule, prediction, variance, c
     log_var = model_log_variance(var_output, x_t, t, schedule, variance)
     x0_hat, _ = x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
     mean = gather(schedule.posterior_mean_coef1, t, x_t) * x0_hat \
-        + gather(schedule.posterior_mean_coef2, t, x_t) * _up(x_t, x_t)
+        + gather(schedule.posterior_mean_coef2, t, x_t) * upcast(x_t, x_t)
     return mean, log_var, x0_hat
 
 
@@ -158,7 +161,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     if noise is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     nonzero = (t != 0).to(mean.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-    return (mean + nonzero * torch.exp(0.5 * log_var) * _up(noise, x_t)).to(x_t.dtype)
+    return (mean + nonzero * torch.exp(0.5 * log_var) * upcast(noise, x_t)).to(x_t.dtype)
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
@@ -175,7 +178,7 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
     if eta != 0:
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        x_prev = x_prev + sigma * _up(noise, x_t)
+        x_prev = x_prev + sigma * upcast(noise, x_t)
     return x_prev.to(x_t.dtype)
 
 
@@ -197,7 +200,7 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     The result is float32 (float64 for float64 inputs) whatever the prediction's dtype.
     """
     target = training_target(x0, t, noise, schedule, prediction)
-    squared = (_up(model_output, x0) - target) ** 2
+    squared = (upcast(model_output, x0) - target) ** 2
     weights = schedule.loss_weights(weighting, prediction, gamma).to(t.device)[t].to(target.dtype)
     per_sample = weights * squared.flatten(1).mean(1)
     return reduce_per_sample(per_sample, reduction)
@@ -241,12 +244,12 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", varian
                  clip_denoised=False, tanh_cdf=False):
     """Per sample, in bits per dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t >= 1,
     the decoder NLL -log p(x0 | x_1) for t = 0 (math.md section 6)."""
-    true_mean, _, true_log_var = q_posterior(_up(x0, x_t), _up(x_t, x_t), t, schedule)
-    mean, log_var, _ = _p_mean_log_variance(_up(model_output, x_t), _up(x_t, x_t), t, schedule,
+    true_mean, _, true_log_var = q_posterior(upcast(x0, x_t), upcast(x_t, x_t), t, schedule)
+    mean, log_var, _ = _p_mean_log_variance(upcast(model_output, x_t), upcast(x_t, x_t), t, schedule,
                                             prediction, variance, clip_denoised)
     kl = normal_kl(true_mean, true_log_var, mean, log_var).flatten(1).mean(1) / math.log(2.0)
     decoder_nll = -discretized_gaussian_log_likelihood(
-        _up(x0, x_t), mean, 0.5 * log_var, tanh_cdf=tanh_cdf).flatten(1).mean(1) / math.log(2.0)
+        upcast(x0, x_t), mean, 0.5 * log_var, tanh_cdf=tanh_cdf).flatten(1).mean(1) / math.log(2.0)
     return torch.where(t == 0, decoder_nll, kl)
 
 
@@ -260,8 +263,8 @@ def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="
         return vb, None, None
     mean_output, _ = split_model_output(model_output, x_t, variance)
     x0_hat, eps_hat = x0_eps_from_output(mean_output, x_t, t, schedule, prediction, clip_denoised)
-    x0_mse = (x0_hat - _up(x0, x_t)).square().flatten(1).mean(1)
-    eps_mse = (eps_hat - _up(noise, x_t)).square().flatten(1).mean(1)
+    x0_mse = (x0_hat - upcast(x0, x_t)).square().flatten(1).mean(1)
+    eps_mse = (eps_hat - upcast(noise, x_t)).square().flatten(1).mean(1)
     return vb, x0_mse, eps_mse
 
 
@@ -269,7 +272,7 @@ def prior_bpd(x0, schedule):
     """KL(q(x_T | x0) || N(0, I)) per sample, in bits per dim."""
     T = schedule.num_timesteps
     t = torch.full((x0.shape[0],), T - 1, dtype=torch.long, device=x0.device)
-    x = _up(x0, x0)
+    x = upcast(x0, x0)
     mean = gather(schedule.sqrt_alphas_cumprod, t, x) * x
     log_var = gather((1.0 - schedule.alphas_cumprod).log(), t, x)
     kl = normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))
