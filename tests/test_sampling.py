@@ -349,7 +349,7 @@ def test_sample_dtype(reference_backend, schedule, dtype):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(method="euler"), ValueError, "method must be one of"),
+    (dict(method="plms"), ValueError, "method must be one of"),
     (dict(steps="ddim999"), ValueError, "cannot create exactly 999 steps"),
     (dict(steps=1), ValueError, "at least 2 timesteps"),
     (dict(eta=-1.0), ValueError, "eta must be a float >= 0"),
