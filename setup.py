@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastddpm",
@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ ships as fastddpm.kernels (a top-level `kernels` would clash with a PyPI package),
     # benchmarks/ as fastddpm.benchmarks for `fastddpm bench`.
-    packages=["fastddpm", "fastddpm.kernels", "fastddpm.benchmarks"],
+    packages=find_packages(include=["fastddpm", "fastddpm.*"]) + ["fastddpm.kernels", "fastddpm.benchmarks"],
     package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels", "fastddpm.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.6",
@@ -19,7 +19,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers", "import-linter"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},

@@ -11,7 +11,6 @@ from torch import nn
 
 import fastddpm
 from fastddpm import NoiseSchedule
-from fastddpm import functional as F
 from fastddpm import reference as R
 from fastddpm.resample import LossSecondMomentSampler
 from fastddpm.elbo import (collapsed_strata_stderr, elbo_bpd, stratified_timesteps,

@@ -7,7 +7,8 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastddpm.unet import PRESETS, UNet, compile_unet, sinusoidal_embedding, unwrap_model
+from fastddpm.unet import PRESETS, UNet, compile_unet, unwrap_model
+from fastddpm.unet_layers import sinusoidal_embedding
 
 # Published counts: Ho et al. (35.7M CIFAR-10, 113.7M at 256), equal to diffusers'
 # google/ddpm-cifar10-32 and google/ddpm-celebahq-256; improved-cifar10 counted from
