@@ -94,13 +94,16 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise, generator, predictio
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta, noise, generator, prediction, clip_denoised,
-              return_x0_hat):
+              return_x0_hat, use_clipped_model_output=True):
     """x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma²) eps_hat + sigma z (and x0_hat)."""
     channels = x_t.shape[1]
     if model_output.shape[1] == 2 * channels:
         model_output = model_output[:, :channels]
     x = x_t.float()
-    x0_hat, eps_hat = denoised(model_output.float(), x, t, schedule, prediction, clip_denoised, need_eps=True)
+    x0_hat, eps_hat = denoised(model_output.float(), x, t, schedule, prediction,
+                               clip_denoised if use_clipped_model_output else False, need_eps=True)
+    if not use_clipped_model_output and clip_denoised:
+        x0_hat = denoised(model_output.float(), x, t, schedule, prediction, clip_denoised, need_eps=False)[0]
     table = schedule.kernel_table(x_t.device)
     ab = gathered(table, t, x_t)[AB]
     # t_prev = -1 is the last step: ab_prev = 1

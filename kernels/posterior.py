@@ -68,19 +68,21 @@ def prediction_coefficients(table_ptr, t, T, prediction):
 
 
 @triton.jit
-def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.constexpr):
-    """x0_hat (clipped: CLIP 1 to [-1, 1], CLIP 2 by the per-sample scale s, to [-s, s] / s) and eps_hat."""
+def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.constexpr,
+            EPS_FROM_OUTPUT: tl.constexpr):
+    """x0_hat (clipped: CLIP 1 to [-1, 1], CLIP 2 by the per-sample scale s, to [-s, s] / s) and eps_hat,
+    from the clipped x0_hat, or with EPS_FROM_OUTPUT from the model output as it is."""
     a, b, e, f, e0, f0 = prediction_coefficients(table_ptr, t, T, prediction)
     x0 = a * x + b * out
-    if CLIP == 0:
+    if CLIP == 0 or EPS_FROM_OUTPUT:
         eps = e * x + f * out
-    else:
-        if CLIP == 1:
-            x0 = tl.clamp(x0, -1.0, 1.0)
-        else:
-            scale = tl.load(scale_ptr + sample)
-            x0 = tl.clamp(x0, -scale, scale) / scale
-        eps = e0 * x + f0 * x0
+    if CLIP == 1:
+        x0 = tl.clamp(x0, -1.0, 1.0)
+    elif CLIP == 2:
+        scale = tl.load(scale_ptr + sample)
+        x0 = tl.clamp(x0, -scale, scale) / scale
+    if CLIP != 0 and not EPS_FROM_OUTPUT:
+        eps = e0 * x + f0 * x0  # follows the clipped x0_hat
     return x0, eps
 
 
@@ -114,7 +116,7 @@ def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED_RANGE, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    x0, _ = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP)
+    x0, _ = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP, False)
     mean = tl.load(table_ptr + COEF1 * T + t) * x0 + tl.load(table_ptr + COEF2 * T + t) * x
     if LEARNED_RANGE:
         frac = (tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32) + 1.0) / 2.0
@@ -136,9 +138,13 @@ def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale
 @triton.jit(do_not_specialize=["prediction"])
 def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_ptr, scale_ptr, x_prev_ptr, x0_ptr,
                 D, T, C, HW, prediction, eta,
-                CLIP: tl.constexpr, WIDE_OUTPUT: tl.constexpr, ADD_NOISE: tl.constexpr, DRAW_NOISE: tl.constexpr,
-                STORE_X0: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """One DDIM step from t to t_prev (per sample); a 2C-channel output's variance half is skipped."""
+                CLIP: tl.constexpr, EPS_FROM_OUTPUT: tl.constexpr, WIDE_OUTPUT: tl.constexpr,
+                ADD_NOISE: tl.constexpr, DRAW_NOISE: tl.constexpr, STORE_X0: tl.constexpr,
+                CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """One DDIM step from t to t_prev (per sample); a 2C-channel output's variance half is skipped.
+
+    sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev),
+    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma²) eps_hat + sigma z."""
     sample, offs, mask, base = sample_offsets(D, BLOCK)
     t = load_timestep(t_ptr, sample, T)
     t_prev = tl.load(t_prev_ptr + sample)
@@ -147,7 +153,7 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
     out_offs, _ = model_output_offsets(sample, offs, D, C, WIDE_OUTPUT, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    x0, eps = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP)
+    x0, eps = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP, EPS_FROM_OUTPUT)
     ab = tl.load(table_ptr + AB * T + t)
     ab_prev = tl.where(t_prev >= 0, tl.load(table_ptr + AB * T + tl.maximum(t_prev, 0)), 1.0)
     sigma = eta * tl.sqrt_rn((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt_rn(1.0 - ab / ab_prev)
@@ -196,7 +202,7 @@ def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction
 
 
 def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip, channels_last,
-                 store_x0):
+                 store_x0, eps_from_output=False):
     """Launch ddim_kernel. Returns (x_prev, x0_hat or empty); noise is added only for eta > 0."""
     out = torch.empty_like(x_t)
     x0_hat = _empty(x_t, store_x0)
@@ -207,7 +213,8 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
         model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
         sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
-        CLIP=CLIP_IDS[clip], WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], ADD_NOISE=add_noise,
+        CLIP=CLIP_IDS[clip], EPS_FROM_OUTPUT=eps_from_output, WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1],
+        ADD_NOISE=add_noise,
         DRAW_NOISE=add_noise and noise is None, STORE_X0=store_x0, CHANNELS_LAST=channels_last,
         BLOCK=block, num_warps=num_warps, **CHECKED)
     return out, x0_hat
@@ -341,14 +348,16 @@ def _(model_output, x_t, t, table, noise, seed, prediction, variance, clip, chan
 @torch.library.custom_op("fastddpm::ddim_step", mutates_args=())
 def ddim_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                  table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, prediction: str, eta: float,
-                 clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 clip: str, channels_last: bool, store_x0: bool,
+                 eps_from_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
     return ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
-                        channels_last, store_x0)
+                        channels_last, store_x0, eps_from_output)
 
 
 @ddim_step_op.register_fake
-def _(model_output, x_t, t, t_prev, table, noise, seed, prediction, eta, clip, channels_last, store_x0):
+def _(model_output, x_t, t, t_prev, table, noise, seed, prediction, eta, clip, channels_last, store_x0,
+      eps_from_output):
     return torch.empty_like(x_t), _empty(x_t, store_x0)
 
 
@@ -419,8 +428,9 @@ def p_sample_step(model_output, x_t, t, table, noise, seed, *, prediction, varia
 
 
 def ddim_step(model_output, x_t, t, t_prev, table, noise, seed, *, eta, prediction, clip_denoised,
-              return_x0_hat=False):
-    """x_prev (and x0_hat with return_x0_hat); for eta > 0, z drawn in the kernel from `seed` when `noise` is None."""
+              use_clipped_model_output=True, return_x0_hat=False):
+    """x_prev (and x0_hat with return_x0_hat); for eta > 0, z drawn in the kernel from `seed` when `noise` is None.
+    use_clipped_model_output=False: eps_hat from the model output even where x0_hat is clipped."""
     x_t, channels_last = kernel_layout(x_t)
     model_output = like_layout(model_output, channels_last)
     noise = like_layout(noise, channels_last) if eta != 0 else None
@@ -428,8 +438,8 @@ def ddim_step(model_output, x_t, t, t_prev, table, noise, seed, *, eta, predicti
     if eager(model_output, x_t, noise):
         scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
         x_prev, x0_hat = ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
-                                      channels_last, return_x0_hat)
+                                      channels_last, return_x0_hat, not use_clipped_model_output)
     else:
         x_prev, x0_hat = ddim_step_op(model_output, x_t, t, t_prev, table, noise, seed, prediction, float(eta), clip,
-                                      channels_last, return_x0_hat)
+                                      channels_last, return_x0_hat, not use_clipped_model_output)
     return (x_prev, x0_hat) if return_x0_hat else x_prev

@@ -279,11 +279,13 @@ def test_ddpm_step_matches_diffusers(triton_backend, schedule, prediction, diffu
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("prediction, diffusers_prediction", [("eps", "epsilon"), ("v", "v_prediction")])
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_step_matches_diffusers(triton_backend, schedule, prediction, diffusers_prediction, eta, clip):
+@pytest.mark.parametrize("clip, clipped_output", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_ddim_step_matches_diffusers(schedule, prediction, diffusers_prediction, eta, clip, clipped_output, backend):
     from diffusers import DDIMScheduler
 
-    # clip_sample with use_clipped_model_output=True re-derives eps from the clipped x0 (ours)
+    # clip_sample with use_clipped_model_output=True re-derives eps from the clipped x0 (our default);
+    # False (DDIMPipeline's) keeps the model's eps
     scheduler = float64_tables(DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=clip,
                                              set_alpha_to_one=True, prediction_type=diffusers_prediction), schedule)
     scheduler.set_timesteps(50)
@@ -292,11 +294,12 @@ def test_ddim_step_matches_diffusers(triton_backend, schedule, prediction, diffu
     t_prev = torch.where(t - stride >= 0, t - stride, -1)
     shape = (4, 3, 5, 5)
     out, x_t, _, noise = step_inputs(shape, torch.float32, "contiguous")
-    ours = F.ddim_step(out, x_t, t, t_prev, schedule, eta=eta, noise=noise, prediction=prediction,
-                       clip_denoised=clip)
+    with use_backend(backend):
+        ours = F.ddim_step(out, x_t, t, t_prev, schedule, eta=eta, noise=noise, prediction=prediction,
+                           clip_denoised=clip, use_clipped_model_output=clipped_output)
     theirs = torch.cat([
         scheduler.step(out[b:b + 1].double(), int(t[b]), x_t[b:b + 1].double(), eta=eta,
-                       use_clipped_model_output=clip,
+                       use_clipped_model_output=clipped_output and clip,
                        variance_noise=noise[b:b + 1].double() if eta > 0 else None).prev_sample
         for b in range(shape[0])])
     assert_matches(ours, theirs, x_t, t, schedule)
@@ -368,7 +371,9 @@ def test_opcheck(triton_backend, schedule):
     torch.library.opcheck(ops.p_sample_step.default,
                           (out, x_t, t, table, None, seed, "x0", "learned_range", "dynamic", False, False))
     torch.library.opcheck(ops.ddim_step.default,
-                          (out, x_t, t, t - 1, table, None, seed, "v", 0.5, "clip", False, True))
+                          (out, x_t, t, t - 1, table, None, seed, "v", 0.5, "clip", False, True, False))
+    torch.library.opcheck(ops.ddim_step.default,
+                          (out, x_t, t, t - 1, table, None, seed, "eps", 0.0, "clip", False, False, True))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -425,7 +430,7 @@ def test_compiles_for_gpus_with_vector_accesses():
             signature={**common, "t_prev_ptr": "*i64", "table_ptr": "*fp32", "scale_ptr": "*fp32", "x_prev_ptr": data,
                        "x0_ptr": data, "D": "i32", "T": "i32", "C": "i32", "HW": "i32", "prediction": "i32",
                        "eta": "fp32"},
-            constexprs=dict(CLIP=2, WIDE_OUTPUT=True, ADD_NOISE=True, DRAW_NOISE=True, STORE_X0=True,
+            constexprs=dict(CLIP=2, EPS_FROM_OUTPUT=False, WIDE_OUTPUT=True, ADD_NOISE=True, DRAW_NOISE=True, STORE_X0=True,
                             CHANNELS_LAST=False, BLOCK=block),
             divisible=data_pointers + ["D"]))
         loads.append(2)

@@ -91,18 +91,23 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
-              clip_denoised=False, seed=None, return_x0_hat=False):
+              clip_denoised=False, seed=None, return_x0_hat=False, use_clipped_model_output=True):
     """One DDIM step from t to t_prev (t_prev = -1: the final step to x0).
 
-    `seed` and `return_x0_hat` as in `p_sample_step` (noise is drawn only for eta > 0).
+    `seed` and `return_x0_hat` as in `p_sample_step` (noise is drawn only for eta > 0). With a
+    clipped x0_hat, eps_hat follows it (improved-diffusion; diffusers' use_clipped_model_output=True)
+    unless use_clipped_model_output=False, which keeps the model's own eps (DDIMPipeline's default).
     """
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
     t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True, values=not triton_path)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    if not isinstance(use_clipped_model_output, bool):
+        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
     check_noise(noise, generator, x_t)
     seed = check_drawn_seed(seed, noise, x_t, triton_path)
-    options = dict(eta=eta, prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
+    options = dict(eta=eta, prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat,
+                   use_clipped_model_output=use_clipped_model_output)
     if triton_path:
         if noise is None and seed is None and eta != 0:
             seed = draw_seed(x_t.device, generator)

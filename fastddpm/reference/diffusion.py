@@ -165,11 +165,14 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, generator=None, prediction="eps",
-              clip_denoised=False):
-    """DDIM from t to t_prev (t_prev = -1: the final step, ab_prev = 1)."""
+              clip_denoised=False, use_clipped_model_output=True):
+    """DDIM from t to t_prev (t_prev = -1: the final step, ab_prev = 1); eps_hat follows a clipped
+    x0_hat unless use_clipped_model_output=False (diffusers' DDIMPipeline keeps the model's eps)."""
     if model_output.shape[1] == 2 * x_t.shape[1]:
         model_output = model_output[:, : x_t.shape[1]]
     x0_hat, eps_hat = x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip_denoised)
+    if not use_clipped_model_output:
+        eps_hat = x0_eps_from_output(model_output, x_t, t, schedule, prediction)[1]
     ab = gather(schedule.alphas_cumprod, t, x_t)
     ab_table = torch.cat([schedule.alphas_cumprod, schedule.alphas_cumprod.new_ones(1)])
     ab_prev = gather(ab_table, t_prev, x_t)  # index -1 is the appended 1
