@@ -231,6 +231,71 @@ def vb_build(size, dtype):
                                            tuple(tables.values()))}
 
 
+# -- few-step solvers: one step in the middle of a 20-step run, the history filled -----------------
+
+SOLVER_STEPS = 20
+
+
+def solver_build(method):
+    """One step k = 10 of 20 (linspace spacing, eps): fastddpm's functional step with its history
+    against the diffusers scheduler's `step`, run through the first k steps once, its state (step
+    index, stored outputs) set back before every call."""
+    def build(size, dtype):
+        import diffusers
+
+        from fastddpm import timesteps as TS
+
+        schedule = NoiseSchedule.linear(T)
+        x, output, _ = _inputs(size, dtype)
+        history = [torch.randn(size, generator=torch.Generator().manual_seed(k)).to(dtype) for k in (1, 2)]
+        k = SOLVER_STEPS // 2
+        kind, options = {
+            "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+            "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+            "unipc": ("UniPCMultistepScheduler", {}),
+            "euler": ("EulerDiscreteScheduler", {}),
+            "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+        }[method]
+        scheduler = getattr(diffusers, kind)(num_train_timesteps=T, **options)
+        scheduler.set_timesteps(SOLVER_STEPS)
+        timestep = scheduler.timesteps[k]
+        multistep = method in ("dpm++2m", "dpm++2m-sde", "unipc")
+        plan = (TS.multistep_schedule(schedule, SOLVER_STEPS, scheduler="unipc" if method == "unipc" else "dpmsolver")
+                if multistep else TS.euler_schedule(schedule, SOLVER_STEPS))
+        batch = size[0]
+        sigma, sigma_next, *older = (plan.sigmas[i].expand(batch).float() for i in (k, k + 1, k - 1, k - 2))
+        sample = x if multistep else x * (1 + plan.sigmas[k] ** 2) ** 0.5
+        for step in range(k):
+            if not multistep:
+                scheduler.scale_model_input(sample, scheduler.timesteps[step])
+            scheduler.step(output, scheduler.timesteps[step], sample)
+        state = {key: list(value) if isinstance(value, list) else value for key, value in vars(scheduler).items()}
+
+        def diffusers_step():
+            vars(scheduler).update({key: list(value) if isinstance(value, list) else value
+                                    for key, value in state.items()})
+            if not multistep:  # the Euler family's pipelines scale the model input at every step
+                scheduler.scale_model_input(sample, timestep)
+            return scheduler.step(output, timestep, sample).prev_sample
+
+        def fastddpm_step():
+            if method in ("dpm++2m", "dpm++2m-sde"):
+                return F.dpm_solver_step(output, x, sigma, sigma_next, schedule, history=((history[0], older[0]),),
+                                         solver="sde-dpmsolver++" if method.endswith("sde") else "dpmsolver++",
+                                         time="sigma")
+            if method == "unipc":
+                return F.unipc_step(output, x, sigma, sigma_next, schedule, time="sigma",
+                                    history=((history[0], older[0]), (history[1], older[1])))
+            step = F.euler_ancestral_step if method == "euler-a" else F.euler_step
+            return step(output, x, sigma, sigma_next, schedule, time="sigma")
+
+        host = tuple(v for v in state.values() if isinstance(v, torch.Tensor) and v.numel() <= T + 1) + (timestep,)
+        return x, {"fastddpm": Step(on_backend("triton", fastddpm_step)),
+                   "reference": Step(on_backend("reference", fastddpm_step)),
+                   "diffusers": Step(diffusers_step, host)}
+    return build
+
+
 CASES = (
     # read x0, write x_t | read pred, write grad (the backward launches nothing): 2 kernels
     Case("loss_simple", torch.float32, "full", 4, 2, loss_case("simple")),
@@ -241,4 +306,10 @@ CASES = (
     Case("ddim_step_eta1", torch.float32, "forward", 3, 1, ddim_build(1.0)),
     # read the model output, x0 and x_t
     Case("vb_terms", torch.float32, "forward", 3, 1, vb_build),
+    # read x_t, the model output and the history, write x_prev and x0_hat
+    Case("dpm++2m_step", torch.float32, "forward", 5, 1, solver_build("dpm++2m")),
+    Case("dpm++2m-sde_step", torch.float32, "forward", 5, 1, solver_build("dpm++2m-sde")),
+    Case("unipc_step", torch.float32, "forward", 6, 1, solver_build("unipc")),
+    Case("euler_step", torch.float32, "forward", 4, 1, solver_build("euler")),
+    Case("euler-a_step", torch.float32, "forward", 4, 1, solver_build("euler-a")),
 )

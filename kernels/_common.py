@@ -159,6 +159,17 @@ def load_model_output(out_ptr, out_offs, variance_shift, mask, LEARNED: tl.const
 
 
 @triton.jit
+def step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
+               DRAW_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """z: drawn from the Philox seed (`standard_normal`, q-sample's stream) or read from `noise`."""
+    if DRAW_NOISE:
+        z = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
+    else:
+        z = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
+    return z
+
+
+@triton.jit
 def standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     """N(0, 1) noise for element `offs` of `sample`, keyed on (seed, logical element index).
 

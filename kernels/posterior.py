@@ -33,7 +33,7 @@ from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 from ._common import (AB, CHECKED, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
                       SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, eager, kernel_layout,
                       launch_config, like_layout, load_timestep, model_output_offsets, sample_numel, sample_offsets,
-                      standard_normal)
+                      step_noise)
 
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
@@ -84,17 +84,6 @@ def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.con
     if CLIP != 0 and not EPS_FROM_OUTPUT:
         eps = e0 * x + f0 * x0  # follows the clipped x0_hat
     return x0, eps
-
-
-@triton.jit
-def step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
-               DRAW_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """z: drawn from the Philox seed (the same stream as q_sample) or read from `noise`."""
-    if DRAW_NOISE:
-        z = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
-    else:
-        z = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
-    return z
 
 
 # -- kernels --------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (AB, SQRT_RECIPM1_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      model_output_offsets, sample_offsets, standard_normal)
+from ._common import (AB, CHECKED, SQRT_RECIPM1_AB, channel_sizes, eager, kernel_layout, launch_config, like_layout,
+                      model_output_offsets, sample_numel, sample_offsets, step_noise)
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
 TIME_IDS = {"sigma": 0, "timestep": 1, "fractional": 2}
@@ -44,17 +44,23 @@ def table_sigma(table_ptr, index, T):
 
 
 @triton.jit
-def sigma_at(t_ptr, sample, table_ptr, T, TIME: tl.constexpr):
-    """σ of this sample's time (see TIME in the module docstring), float32."""
+def sigma_at(t_ptr, sample, table_ptr, T, TIME: tl.constexpr, END: tl.constexpr):
+    """σ of this sample's time (see TIME in the module docstring), float32, checked where it is
+    loaded (a device assert; the end of sampling, σ = 0 or t = -1, only where END) and clamped so
+    that no gather reads out of bounds."""
     if TIME == 0:
         sigma = tl.load(t_ptr + sample).to(tl.float32)
+        tl.device_assert((sigma < float("inf")) & ((sigma > 0) | (END & (sigma == 0))),
+                         "a step's sigma must be finite and > 0 (t_prev's: >= 0)")
     elif TIME == 1:
         t = tl.load(t_ptr + sample)
-        # the range assert of t (-1 <= t < T) belongs here; the clamp keeps the gather in bounds
+        tl.device_assert((t < T) & ((t >= 0) | (END & (t == -1))),
+                         "a step's timesteps must lie in [0, T) (t_prev: -1 for the end)")
         sigma = tl.where(t >= 0, table_sigma(table_ptr, tl.minimum(tl.maximum(t, 0), T - 1), T), 0.0)
     else:
         t = tl.load(t_ptr + sample).to(tl.float32)
-        # the range assert of t (0 <= t <= T-1, or -1) belongs here; the clamp keeps the gathers in bounds
+        tl.device_assert((t <= T - 1.0) & ((t >= 0) | (END & (t == -1.0))),
+                         "a step's fractional timesteps must lie in [0, T - 1] (t_prev: -1 for the end)")
         low = tl.minimum(tl.maximum(t, 0.0), T - 2.0).to(tl.int32)  # floor, as t >= 0
         low_sigma = table_sigma(table_ptr, low, T)
         sigma = low_sigma + (t - low) * (table_sigma(table_ptr, low + 1, T) - low_sigma)
@@ -93,17 +99,6 @@ def load_x0_hat(out_ptr, x, sample, offs, mask, D, C, sigma, prediction,
     return x0
 
 
-@triton.jit
-def step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
-               DRAW_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """z: drawn from the Philox seed (q_sample's stream) or read from `noise`."""
-    if DRAW_NOISE:
-        z = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
-    else:
-        z = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
-    return z
-
-
 # -- kernels --------------------------------------------------------------------------------
 
 
@@ -121,8 +116,8 @@ def dpm_solver_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, noise_ptr, seed_ptr, t_ptr
     in x0_hat, h1, h2. First order where σ_t = 0 (the limit of every order there).
     """
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    sigma_s = sigma_at(t_ptr, sample, table_ptr, T, TIME)
-    sigma_t = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME)
+    sigma_s = sigma_at(t_ptr, sample, table_ptr, T, TIME, False)
+    sigma_t = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME, True)
     alpha_s = 1.0 / tl.sqrt_rn(1.0 + sigma_s * sigma_s)
     alpha_t = 1.0 / tl.sqrt_rn(1.0 + sigma_t * sigma_t)
     e = sigma_t / sigma_s
@@ -140,7 +135,7 @@ def dpm_solver_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, noise_ptr, seed_ptr, t_ptr
     c2 = 0.0
     final = sigma_t == 0.0
     if ORDER >= 2:
-        r0 = (tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME)) - tl.log(sigma_s)) / h
+        r0 = (tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME, False)) - tl.log(sigma_s)) / h
         if ORDER == 2:
             if HEUN:
                 b1 = alpha_t * (1.0 - phi / H)
@@ -150,8 +145,8 @@ def dpm_solver_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, noise_ptr, seed_ptr, t_ptr
             c1 = tl.where(final, 0.0, -b1 / r0)
             c0 = tl.where(final, c0, c0 + b1 / r0)
         else:
-            r1 = (tl.log(sigma_at(t2_ptr, sample, table_ptr, T, TIME))
-                  - tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME))) / h
+            r1 = (tl.log(sigma_at(t2_ptr, sample, table_ptr, T, TIME, False))
+                  - tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME, False))) / h
             b1 = alpha_t * (1.0 - phi / H)
             b2 = alpha_t * ((phi - H) / (H * H) + 0.5)
             # b1 D1 + b2 D2 = p (x0 - h1)/r0 - q (h1 - h2)/r1 (D1, D2 of the paper's eq. 9 form)
@@ -189,8 +184,8 @@ def euler_kernel(out_ptr, x_ptr, first_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_p
     predictor's x0_hat: y' = y_mid + (σ' - σ)(d2 - d1)/2 = y_mid + (1 - σ/σ')(x0_first - x0)/2.
     """
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    sigma = sigma_at(t_ptr, sample, table_ptr, T, TIME)
-    sigma_next = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME)
+    sigma = sigma_at(t_ptr, sample, table_ptr, T, TIME, False)
+    sigma_next = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME, True)
     alpha_next = 1.0 / tl.sqrt_rn(1.0 + sigma_next * sigma_next)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     if MODE == 2:
@@ -229,8 +224,8 @@ def unipc_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, t_ptr, t_prev_ptr, t1_ptr, t2_p
     x_c = x - ½ α B(h_c)(x0 - h1)). UniP: x' = (s'/s) x_c - α' B(h) x0 - ½ α' B(h)(h1 - x0)/r.
     """
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    sigma = sigma_at(t_ptr, sample, table_ptr, T, TIME)
-    sigma_next = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME)
+    sigma = sigma_at(t_ptr, sample, table_ptr, T, TIME, False)
+    sigma_next = sigma_at(t_prev_ptr, sample, table_ptr, T, TIME, True)
     alpha = 1.0 / tl.sqrt_rn(1.0 + sigma * sigma)
     alpha_next = 1.0 / tl.sqrt_rn(1.0 + sigma_next * sigma_next)
     # corrector: x_c = x + k0 x0 + k1 h1 + k2 h2
@@ -238,14 +233,14 @@ def unipc_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, t_ptr, t_prev_ptr, t1_ptr, t2_p
     k1 = 0.0
     k2 = 0.0
     if CORRECTOR >= 1:
-        log_sigma_1 = tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME))
+        log_sigma_1 = tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME, False))
         h_c = log_sigma_1 - tl.log(sigma)
         b_h = expm1(-h_c)
         if CORRECTOR == 1:
             k0 = -0.5 * alpha * b_h
             k1 = -k0
         else:
-            r_c = (tl.log(sigma_at(t2_ptr, sample, table_ptr, T, TIME)) - log_sigma_1) / -h_c
+            r_c = (tl.log(sigma_at(t2_ptr, sample, table_ptr, T, TIME, False)) - log_sigma_1) / -h_c
             phi_k1 = b_h / -h_c - 1.0
             b1 = phi_k1 / b_h
             b2 = 2.0 * (phi_k1 / -h_c - 0.5) / b_h
@@ -261,7 +256,7 @@ def unipc_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, t_ptr, t_prev_ptr, t1_ptr, t2_p
     e0 = -alpha_next * b_h
     e1 = 0.0
     if ORDER == 2:
-        r = (tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME)) - tl.log(sigma)) / -h
+        r = (tl.log(sigma_at(t1_ptr, sample, table_ptr, T, TIME, False)) - tl.log(sigma)) / -h
         final = sigma_next == 0.0
         e1 = tl.where(final, 0.0, -0.5 * alpha_next * b_h / r)
         e0 = tl.where(final, e0, e0 - e1)
@@ -290,43 +285,45 @@ def _launch(kernel, model_output, x_t, table, prediction, channels_last, *pointe
     grid, block, num_warps = step_launch_config(x_t)
     C, HW = channel_sizes(x_t, channels_last)
     kernel[grid](model_output, x_t, *(x_t if p is None else p for p in pointers), table, x_prev, x0_hat,
-                 x_t[0].numel(), table.shape[1], C, HW, PREDICTION_IDS[prediction],
+                 sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction],
                  WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], CHANNELS_LAST=channels_last,
-                 BLOCK=block, num_warps=num_warps, **flags)
+                 BLOCK=block, num_warps=num_warps, **flags, **CHECKED)
     return x_prev, x0_hat
 
 
 # -- custom ops: (x_prev, x0_hat); None for an unused history, noise, seed or time -----------------
 
 
-@torch.library.custom_op("fastddpm::dpm_solver_step", mutates_args=())
-def dpm_solver_step_op(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.Tensor | None,
-                       h2: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor,
-                       t_prev: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None, table: torch.Tensor,
-                       prediction: str, order: int, sde: bool, heun: bool, clip: bool, time: str,
-                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _dpm_solver_step(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.Tensor | None,
+                     h2: torch.Tensor | None, noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor,
+                     t_prev: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None, table: torch.Tensor,
+                     prediction: str, order: int, sde: bool, heun: bool, clip: bool, time: str,
+                     channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(dpm_solver_kernel, model_output, x_t, table, prediction, channels_last,
                    h1, h2, noise, seed, t, t_prev, t1, t2, ORDER=order, SDE=sde, HEUN=heun, CLIP=clip,
                    TIME=TIME_IDS[time], DRAW_NOISE=sde and noise is None)
 
 
-@torch.library.custom_op("fastddpm::euler_step", mutates_args=())
-def euler_step_op(model_output: torch.Tensor, x_t: torch.Tensor, first: torch.Tensor | None,
-                  noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
-                  table: torch.Tensor, prediction: str, mode: str, clip: bool, time: str,
-                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _euler_step(model_output: torch.Tensor, x_t: torch.Tensor, first: torch.Tensor | None,
+                noise: torch.Tensor | None, seed: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
+                table: torch.Tensor, prediction: str, mode: str, clip: bool, time: str,
+                channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(euler_kernel, model_output, x_t, table, prediction, channels_last,
                    first, noise, seed, t, t_prev, MODE=EULER_MODES[mode], CLIP=clip, TIME=TIME_IDS[time],
                    DRAW_NOISE=mode == "ancestral" and noise is None)
 
 
-@torch.library.custom_op("fastddpm::unipc_step", mutates_args=())
-def unipc_step_op(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.Tensor | None, h2: torch.Tensor | None,
-                  t: torch.Tensor, t_prev: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
-                  table: torch.Tensor, prediction: str, order: int, corrector: int, clip: bool, time: str,
-                  channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _unipc_step(model_output: torch.Tensor, x_t: torch.Tensor, h1: torch.Tensor | None, h2: torch.Tensor | None,
+                t: torch.Tensor, t_prev: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
+                table: torch.Tensor, prediction: str, order: int, corrector: int, clip: bool, time: str,
+                channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(unipc_kernel, model_output, x_t, table, prediction, channels_last,
                    h1, h2, t, t_prev, t1, t2, ORDER=order, CORRECTOR=corrector, CLIP=clip, TIME=TIME_IDS[time])
+
+
+dpm_solver_step_op = torch.library.custom_op("fastddpm::dpm_solver_step", _dpm_solver_step, mutates_args=())
+euler_step_op = torch.library.custom_op("fastddpm::euler_step", _euler_step, mutates_args=())
+unipc_step_op = torch.library.custom_op("fastddpm::unipc_step", _unipc_step, mutates_args=())
 
 
 def _fake(model_output, x_t, *args):
@@ -336,13 +333,20 @@ def _fake(model_output, x_t, *args):
 for _op in (dpm_solver_step_op, euler_step_op, unipc_step_op):
     _op.register_fake(_fake)
 
+# the ops' Python implementations, for eager calls (`run`)
+IMPLEMENTATIONS = {dpm_solver_step_op: _dpm_solver_step, euler_step_op: _euler_step, unipc_step_op: _unipc_step}
+
 
 # -- entry points of fastddpm.solvers (validated inputs; times already in kernel form) ------------
 
 
 def run(op, model_output, x_t, tensors, *args):
     """Call `op` on x_t in its kernel layout, the model output and the full-size `tensors` (history,
-    noise; None where unused) in the same layout, then `args` as the op takes them."""
+    noise; None where unused) in the same layout, then `args` as the op takes them. Eager calls that
+    need no autograd run the op's implementation directly (less host time than the custom op)."""
     x_t, channels_last = kernel_layout(x_t)
     tensors = [like_layout(tensor, channels_last) for tensor in tensors]
-    return op(like_layout(model_output, channels_last), x_t, *tensors, *args, channels_last)
+    model_output = like_layout(model_output, channels_last)
+    if eager(model_output, x_t, *tensors):
+        op = IMPLEMENTATIONS[op]
+    return op(model_output, x_t, *tensors, *args, channels_last)

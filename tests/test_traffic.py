@@ -173,12 +173,23 @@ PINNED = {
     ("ddim_step_eta1", "diffusers"): (9, 245760),  # 80.00
     ("vb_terms", "fastddpm"): (2, 37040),  # 12.06; floor 12
     ("vb_terms", "improved-diffusion"): (99, 1646392),  # 535.94
+    ("dpm++2m_step", "fastddpm"): (1, 61488),  # 20.02; floor 20
+    ("dpm++2m_step", "diffusers"): (10, 294912),  # 96.00
+    ("dpm++2m-sde_step", "fastddpm"): (2, 61528),  # 20.03; floor 20
+    ("dpm++2m-sde_step", "diffusers"): (13, 368640),  # 120.00
+    ("unipc_step", "fastddpm"): (1, 73808),  # 24.03; floor 24
+    ("unipc_step", "diffusers"): (38, 700660),  # 228.08
+    ("euler_step", "fastddpm"): (1, 49184),  # 16.01; floor 16
+    ("euler_step", "diffusers"): (7, 208896),  # 68.00
+    ("euler-a_step", "fastddpm"): (2, 49224),  # 16.02; floor 16
+    ("euler-a_step", "diffusers"): (10, 282624),  # 92.00
 }
 # The budget of each path, seed draw included: at most this many launches, and bytes per element
 # within 2% of the floor (math.md section 7) once the per-program scalars (t, coefficients, the
 # seed) are negligible, as at CIFAR-10 sizes.
 BUDGET = {"loss_simple": 5, "loss_min_snr": 5, "p_sample_step": 3, "ddim_step": 3, "ddim_step_eta1": 3,
-          "vb_terms": 3}
+          "vb_terms": 3, "dpm++2m_step": 1, "dpm++2m-sde_step": 2, "unipc_step": 1, "euler_step": 1,
+          "euler-a_step": 2}
 SIZE = (4, 3, 16, 16)
 
 

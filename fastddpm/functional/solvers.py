@@ -186,14 +186,15 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
     check_choice(time, "time", TIMES)
     if not isinstance(history, (tuple, list)):
         raise TypeError(f"history must be a tuple of (x0_hat, t) pairs, newest first, got {type(history).__name__}")
-    times = [_check_time(t, "t", x_t, schedule, time, end=False),
-             _check_time(t_prev, "t_prev", x_t, schedule, time, end=True)]
+    values = not use_triton(x_t)  # the kernels check the times where they load them
+    times = [_check_time(t, "t", x_t, schedule, time, end=False, values=values),
+             _check_time(t_prev, "t_prev", x_t, schedule, time, end=True, values=values)]
     x0s = []
     for i, entry in enumerate(history[:used]):
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise TypeError(f"history[{i}] must be an (x0_hat, t) pair, got {type(entry).__name__}")
         check_like(entry[0], f"history[{i}][0]", x_t, "x_t")
-        times.append(_check_time(entry[1], f"history[{i}][1]", x_t, schedule, time, end=False))
+        times.append(_check_time(entry[1], f"history[{i}][1]", x_t, schedule, time, end=False, values=values))
         x0s.append(entry[0])
     names = ["t", "t_prev"] + [f"history[{i}][1]" for i in range(len(times) - 2)]
     for name, value in zip(names, times):
@@ -202,10 +203,11 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
     return times, x0s
 
 
-def _check_time(t, name, like, schedule, time, end):
-    """An int or float tensor of shape (B,): timesteps in [0, T) (float: [0, T-1]), or σ >= 0; -1 (σ = 0) if end."""
+def _check_time(t, name, like, schedule, time, end, values):
+    """An int or float tensor of shape (B,): timesteps in [0, T) (float: [0, T-1]), or σ >= 0; -1 (σ = 0)
+    if end. values=False leaves the range to the kernel that loads the time (its device assert)."""
     if time == "timestep" and isinstance(t, torch.Tensor) and not t.is_floating_point():
-        return check_timesteps(t, name, like, schedule, allow_minus_one=end)
+        return check_timesteps(t, name, like, schedule, allow_minus_one=end, values=values)
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         what = "timesteps (int or float)" if time == "timestep" else "noise levels σ (float)"
         raise TypeError(f"{name} must be a tensor of {what} of shape (B,), got {getattr(t, 'dtype', type(t).__name__)}")
@@ -213,6 +215,8 @@ def _check_time(t, name, like, schedule, time, end):
         raise ValueError(f"{name} must have shape ({like.shape[0]},), one per sample, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the data is on {like.device}")
+    if not values:
+        return t
     if time == "timestep":
         last = schedule.num_timesteps - 1
         valid = ((t >= 0) & (t <= last)) | ((t == -1) if end else False)
