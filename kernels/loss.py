@@ -31,6 +31,7 @@ import triton.language as tl
 from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, finish_reduction, kernel_layout,
                       launch_config, like_layout, load_timestep, reduction_counter, sample_numel, sample_offsets,
                       standard_normal)
+from ._launch import launch
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
 TARGET_TERMS = {"eps": (True, False), "x0": (False, True), "v": (True, True)}
@@ -93,7 +94,7 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
     partials = torch.empty(grid[0] * grid[1], device=pred.device, dtype=torch.float32)
     loss = torch.empty(grid[1] if reduction == "none" else (), device=pred.device, dtype=torch.float32)
     C, HW = channel_sizes(pred, channels_last)
-    diffusion_loss_kernel[grid](
+    launch(diffusion_loss_kernel, grid,
         pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
         partials, reduction_counter(pred.device), loss, t, table, weights, seed if draw else t,
         sample_numel(pred), table.shape[1], C, HW,
@@ -105,8 +106,8 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
 def scale_grad_(grad, grad_output):
     """Scale the stored gradient by grad_output (shape () or (B,)) in place."""
     grid, block, num_warps = launch_config(grad)
-    scale_grad_kernel[grid](grad, grad_output.contiguous(), sample_numel(grad), PER_SAMPLE=grad_output.ndim == 1,
-                            BLOCK=block, num_warps=num_warps)
+    launch(scale_grad_kernel, grid, grad, grad_output.contiguous(), sample_numel(grad),
+           PER_SAMPLE=grad_output.ndim == 1, BLOCK=block, num_warps=num_warps)
 
 
 def _target_grads(grad, prediction, t, table, needs_x0, needs_noise):
