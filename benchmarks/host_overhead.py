@@ -193,8 +193,8 @@ def format_table(times, launches, per_launch):
                              f"{ratio}")
         lines.append(f"{'':26}{launches[case]} Triton launches a call")
     if per_launch is not None:
-        lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): {per_launch:.1f} µs "
-                     "a launch")
+        lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): "
+                     f"{per_launch:.1f} µs a launch")
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ _SCALARS = (bool, int, float, type(None))  # positional arguments keyed by type 
 _CONSTANTS = (bool, int, str, type(None))  # keyword values keyed by type and value (no floats: -0.0 == 0.0)
 _NORMAL = object()  # an entry for keys that always take `kernel[grid]`
 _MISSING = object()
-_kernels = {}  # id(kernel) -> (kernel, its entries or None, its layout)
+_kernels = {}  # id(kernel) -> (kernel, {argument types: (key function, {key: entry})} or None, layout)
 
 
 def _debug_env():
@@ -66,8 +66,8 @@ def _options_39(kernel, kwargs):
             compilation.fpsan_homomorphic_casts)
 
 
-# sha256 of inspect.getsource(JITFunction.run), first 16 hex digits -> (options `run` adds to
-# the kwargs, constexpr values passed to the kernel (3.2 passes only the others), launch hooks
+# sha256 of inspect.getsource(JITFunction.run), first 16 hex digits -> (the options `run` adds
+# to the kwargs, constexpr values passed to the kernel (3.2 passes only the others), launch hooks
 # read from knobs.runtime (else from CompiledKernel), add_stages_inspection_hook checked).
 _LAYOUTS = {
     "c0fa2cfc1f214c89": (_options_32, False, False, False),  # 3.2.0
@@ -82,17 +82,19 @@ _LAYOUTS = {
 
 @functools.cache
 def _layout():
-    """This Triton's entry of _LAYOUTS, or None."""
+    """(JITFunction.run, its entry of _LAYOUTS), or None if it has none."""
+    run = jit.JITFunction.run
     try:
-        source = inspect.getsource(jit.JITFunction.run)
-    except (OSError, TypeError):
+        layout = _LAYOUTS.get(hashlib.sha256(inspect.getsource(run).encode()).hexdigest()[:16])
+    except (OSError, TypeError):  # no source
         return None
-    return _LAYOUTS.get(hashlib.sha256(source.encode()).hexdigest()[:16])
+    return None if layout is None else (run, *layout)
 
 
 def _register(kernel):
     layout = _layout() if type(kernel) is jit.JITFunction else None
-    record = _kernels[id(kernel)] = (kernel, None if layout is None else {}, layout)  # kernel kept: its id stays its own
+    record = (kernel, None if layout is None else {}, layout)  # the kernel kept: its id stays its own
+    _kernels[id(kernel)] = record
     return record
 
 
@@ -124,11 +126,14 @@ def launch(kernel, grid, *args, **kwargs):
     key_function, entries = known
     if key_function is None:
         return kernel[grid](*args, **kwargs)
-    options, all_args, knob_hooks, stages_hook = layout
+    run, options, all_args, knob_hooks, stages_hook = layout
+    if jit.JITFunction.run is not run:  # patched since
+        return kernel[grid](*args, **kwargs)
     active = jit.driver.active
     device = active.get_current_device()
     stream = active.get_current_stream(device)
-    key = (device, *options(kernel, kwargs), *kwargs, *kwargs.values(), *map(type, kwargs.values()), *key_function(*args))
+    key = (device, *options(kernel, kwargs), *kwargs, *kwargs.values(), *map(type, kwargs.values()),
+           *key_function(*args))
     try:
         entry = entries.get(key)
     except TypeError:  # an unhashable keyword value
@@ -168,7 +173,7 @@ def _entry(kernel, compiled, all_args, args, kwargs):
     a later launch with this key could not be made as JITFunction.run makes it."""
     params = kernel.params
     by_name = {param.name: param for param in params}
-    if (not isinstance(compiled, CompiledKernel) or len(args) > len(params)
+    if (not isinstance(compiled, CompiledKernel) or hasattr(compiled, "result")  # 3.5, 3.6 would call it
             or jit.driver.active.get_current_target().backend != "cuda"
             or any(param.is_constexpr for param in params[:len(args)])
             or any(name in by_name and not by_name[name].is_constexpr for name in kwargs)
@@ -178,4 +183,5 @@ def _entry(kernel, compiled, all_args, args, kwargs):
     tail = tuple(kwargs[param.name] if param.name in kwargs else defaults[param.name].default
                  for param in params[len(args):] if all_args or not param.is_constexpr)
     used = kernel.used_global_vals
-    return compiled, tail, used, tuple((scope, name, scope.get(name, _MISSING)) for (name, _), (_, scope) in used.items())
+    seen = tuple((scope, name, scope.get(name, _MISSING)) for (name, _), (_, scope) in used.items())
+    return compiled, tail, used, seen

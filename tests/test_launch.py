@@ -4,10 +4,10 @@ Both run on JITFunctions of our kernels with benchmarks/host_overhead's faked dr
 compiles, whose kernels record what their `run` is given. From the launches our ops really make
 (captured under the interpreter), each argument is varied in turn (dtype, alignment, None,
 integers divisible by 16 or not, 1, beyond int32, equal values of another type, each constexpr,
-the launch options, the device, the knobs); `run` must get the same arguments from both, the compiled kernel
-named by the Triton cache key it was compiled for, so a kernel compiled for one specialization
-never serves another. A second pass over the same variations, on fresh tensors, must not go
-through JITFunction.run at all.
+the launch options, the device, the knobs): `run` must get the same arguments from both, the
+compiled kernel named by the Triton cache key it was compiled for, so that a kernel compiled for
+one specialization never serves another. A second pass over the same variations, on fresh
+tensors and other streams, must not go through JITFunction.run at all.
 """
 import contextlib
 import functools
@@ -106,11 +106,12 @@ def _variations(args, kwargs):
                 if dtype != arg.dtype:
                     yield f"{i}:{dtype}", changed(i, lambda d=dtype, n=arg.numel(): _tensor(d, n)), kwargs, 0
             offset = 0 if arg.data_ptr() % 16 else 1  # the other alignment (an empty tensor's pointer is 0)
-            yield f"{i}:offset {offset}", changed(i, lambda d=arg.dtype, n=max(arg.numel(), 1): _tensor(d, n, offset)), \
-                kwargs, 0
+            misaligned = changed(i, lambda d=arg.dtype, n=max(arg.numel(), 1): _tensor(d, n, offset))
+            yield f"{i}:offset {offset}", misaligned, kwargs, 0
             yield f"{i}:None", changed(i, lambda: None), kwargs, 0
         elif type(arg) is int:
-            for value in dict.fromkeys(v for v in (arg + 1, arg + 16, 1, 16, 0, 2 ** 31 + 16, 2 ** 31 + 1, -5) if v != arg):
+            others = (arg + 1, arg + 16, 1, 16, 0, 2 ** 31 + 16, 2 ** 31 + 1, -5)  # int32 and int64, 16 | value or not
+            for value in dict.fromkeys(v for v in others if v != arg):
                 yield f"{i}={value}", changed(i, lambda v=value: v), kwargs, 0
             yield f"{i}={float(arg)}", changed(i, lambda v=float(arg): v), kwargs, 0  # equal, another type
         else:
@@ -289,6 +290,24 @@ def test_global_values_are_checked_as_jit_run_checks_them():
                     launch(ours, (1,), x, out, 5, BLOCK=8)
         finally:
             SCALE = tl.constexpr(2)
+
+
+def test_a_patched_jit_run_is_called(monkeypatch):
+    kernel, grid, args, kwargs = _ops()["vb_terms_kernel"]
+    calls = []
+    original = jit.JITFunction.run
+
+    def run(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    with _faked():
+        ours = jit_function(kernel)
+        launch(ours, grid, *args, **kwargs)
+        monkeypatch.setattr(jit.JITFunction, "run", run)
+        for _ in range(2):
+            launch(ours, grid, *args, **kwargs)
+    assert len(calls) == 2
 
 
 def test_this_triton_launches_directly():
