@@ -6,14 +6,15 @@ costs its host time. Measured here with tiny tensors (2x3x4x4), one thread, the 
 time per call (`INNER` calls per sample), medians over interleaved rounds (harness.time_cpu),
 the Triton kernels' execution stubbed. Providers:
 
-- fastddpm: the kernels' path with every grid execution a no-op (`InterpretedFunction.run`):
+- fastddpm: the kernels' path with every grid execution a no-op (`InterpretedFunction[grid]`):
   Python, argument checks, the dispatcher, custom ops, autograd and our launchers are timed;
   Triton's own launch path is not.
-- fastddpm+launch: the same, each launch going through Triton's real `JITFunction.run` (argument
-  binding and specialization, cache key, grid) with a faked driver (device 0, stream 0, an sm_90
-  target) and a faked compiled kernel whose `run` does nothing. Still excluded: the C launcher
-  (argument packing and cuLaunchKernel, a few µs a launch on a GPU) and torch.cuda's
-  device and stream queries. Needs JITFunction's layout of triton 3.9; otherwise left out.
+- fastddpm+launch: the same, each launch made as on a GPU by kernels/_launch.launch: the first one
+  of each specialization through Triton's real `JITFunction.run` (argument binding and
+  specialization, cache key, compile), later ones calling the compiled kernel directly; with a
+  faked driver (device 0, stream 0, an sm_90 target) and faked compiles that return a kernel
+  whose `run` does nothing. Still excluded: the C launcher (argument packing and cuLaunchKernel,
+  a few µs a launch on a GPU) and torch.cuda's device and stream queries.
 - reference: fastddpm's PyTorch path (backend "reference"), what runs on CPU tensors.
 - diffusers, improved-diffusion: the eager peers.
 
@@ -29,6 +30,9 @@ import types
 import warnings
 
 import torch
+from triton.compiler import CompiledKernel
+
+from fastddpm.kernels._launch import launch
 
 from . import harness, paths
 from .traffic import _swapped
@@ -39,29 +43,38 @@ PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-
 
 
 class _Launches:
-    """How the patched `InterpretedFunction.run` launches: not at all, or through JITFunction.run."""
+    """How the patched `InterpretedFunction[grid]` launches: not at all, or as on a GPU."""
     jit = False
     calls = 0
     functions = {}
     jit_calls = 0
-    jit_seconds = 0.0  # spent in JITFunction.run (wall clock)
+    jit_seconds = 0.0  # spent launching (wall clock)
 
 
 class _FakeDriver:
+    def __init__(self, device=0, stream=0):
+        self.device, self.stream = device, stream
+
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
-        return 0
+        return self.stream
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
         return GPUTarget("cuda", 90, 32)
 
 
-class _FakeKernel:
-    """A compiled kernel whose launch does nothing."""
-    function = packed_metadata = None
+class _FakeKernel(CompiledKernel):
+    """A compiled kernel whose launch does nothing (and which holds no module to unload)."""
+    function = packed_metadata = module = None
+
+    def __init__(self):
+        pass
+
+    def _init_handles(self):
+        pass
 
     def launch_metadata(self, *args):
         return None
@@ -70,44 +83,56 @@ class _FakeKernel:
         return None
 
 
-def _jit_function(interpreted):
-    """A JITFunction of the interpreted kernel's Python function that compiles to `_FakeKernel`."""
+@contextlib.contextmanager
+def faked_gpu(driver=None, kernel=_FakeKernel):
+    """Triton's launch path with no GPU: `driver` (a `_FakeDriver()` by default), and compiles
+    that return `kernel()`. They do not hash the source, which under the interpreter cannot be
+    done (the kernel's callees are no JITFunctions): the global values that a launch checks stay
+    unrecorded (3 to 5 of them for our kernels on a GPU)."""
+    import triton.compiler
+    import triton.runtime.jit as jit
+
+    def compile(src, target=None, options=None, **kwargs):
+        return kernel()
+
+    with _swapped(jit, "driver", types.SimpleNamespace(active=driver or _FakeDriver())), \
+            _swapped(triton.compiler, "compile", compile):
+        yield
+
+
+def jit_function(kernel, **options):
+    """A new JITFunction of a kernel's Python function (a JITFunction's or the interpreter's)."""
     from triton.runtime.jit import JITFunction
 
     accepted = inspect.signature(JITFunction.__init__).parameters
-    function = JITFunction(interpreted.fn, **{k: v for k, v in interpreted.kwargs.items() if k in accepted})
-
-    def do_compile(key, signature, device, *args):
-        kernel = _FakeKernel()
-        function.device_caches[device][0][key] = kernel
-        return kernel
-
-    function._do_compile = do_compile
-    return function
+    given = getattr(kernel, "kwargs", {})  # the interpreter's @triton.jit options
+    return JITFunction(kernel.fn, **{k: v for k, v in {**given, **options}.items() if k in accepted})
 
 
-def _run(interpreted, *args, grid, warmup, **kwargs):
+def _run(interpreted, grid, *args, **kwargs):
     _Launches.calls += 1
     if not _Launches.jit:
         return None
     function = _Launches.functions.get(interpreted)
     if function is None:
-        function = _Launches.functions[interpreted] = _jit_function(interpreted)
+        function = _Launches.functions[interpreted] = jit_function(interpreted)
     start = time.perf_counter()
-    kernel = function.run(*args, grid=grid, warmup=warmup, **kwargs)
+    kernel = launch(function, grid, *args, **kwargs)
     _Launches.jit_seconds += time.perf_counter() - start
     _Launches.jit_calls += 1
     return kernel
 
 
+def _grid(interpreted, grid):
+    return lambda *args, **kwargs: _run(interpreted, grid, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def stubbed_launches():
-    """Triton launches do nothing (or, with `_Launches.jit`, only Triton's launch path)."""
-    import triton.runtime.jit as jit
+    """Triton launches do nothing (or, with `_Launches.jit`, only their launch path)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    with warnings.catch_warnings(), _swapped(InterpretedFunction, "run", _run), \
-            _swapped(jit, "driver", types.SimpleNamespace(active=_FakeDriver())):
+    with warnings.catch_warnings(), _swapped(InterpretedFunction, "__getitem__", _grid), faked_gpu():
         warnings.simplefilter("ignore")  # Triton's one-time notices about its defaults
         yield
 
@@ -122,7 +147,7 @@ def _timed(fn, jit=False):
 
 def measure(cases=None, reps=20):
     """{(case, provider): [p50, p20, p80] in µs per call}, {case: Triton launches per call} and the
-    mean µs of one JITFunction.run once compiled (None if left out)."""
+    mean µs of one launch once compiled (None if left out)."""
     times, launches = {}, {}
     jit_calls, jit_seconds = 0, 0.0
     with stubbed_launches():
@@ -132,7 +157,7 @@ def measure(cases=None, reps=20):
             timed["fastddpm+launch"] = _timed(steps["fastddpm"].fn, jit=True)
             try:
                 timed["fastddpm+launch"]()  # the first launch of each kernel "compiles"
-            except Exception as error:  # another triton's JITFunction layout
+            except Exception as error:  # a Triton whose launch path these fakes do not fit
                 warnings.warn(f"fastddpm+launch left out: Triton's launch path could not be faked ({error!r})")
                 del timed["fastddpm+launch"]
             _Launches.jit, _Launches.calls = False, 0
@@ -168,7 +193,8 @@ def format_table(times, launches, per_launch):
                              f"{ratio}")
         lines.append(f"{'':26}{launches[case]} Triton launches a call")
     if per_launch is not None:
-        lines.append(f"Triton's launch path (JITFunction.run, faked driver and kernel): {per_launch:.1f} µs a launch")
+        lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): "
+                     f"{per_launch:.1f} µs a launch")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ import triton.language as tl
 from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
                       load_model_output, load_timestep, model_output_offsets, sample_numel, sample_offsets,
                       standard_normal)
+from ._launch import launch
 from .vlb import FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, vb_element
 
 
@@ -82,7 +83,8 @@ def vlb_loss_forward(model_output, x0, noise, t, table, pred_table, mse_weights,
     partials = torch.empty((2, x0.shape[0], grid[0]), device=x0.device, dtype=torch.float32)
     grad = torch.empty_like(model_output) if compute_grad else model_output.new_empty(0)
     draw = noise is None
-    vlb_loss_kernel[grid](
+    launch(
+        vlb_loss_kernel, grid,
         model_output, x0, x0 if draw else noise, t, seed, table, pred_table, mse_weights, partials,
         grad if compute_grad else partials, float(vlb_weight),
         per_sample, table.shape[1], C, HW, grid[0], fixed_log_var_row,

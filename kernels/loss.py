@@ -31,6 +31,7 @@ import triton.language as tl
 from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, finish_reduction, kernel_layout,
                       launch_config, like_layout, load_timestep, reduction_counter, sample_numel, sample_offsets,
                       standard_normal)
+from ._launch import launch
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
 TARGET_TERMS = {"eps": (True, False), "x0": (False, True), "v": (True, True)}
@@ -95,12 +96,13 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
     C, HW = channel_sizes(pred, channels_last)
     counter = reduction_counter(pred.device)
     try:
-        diffusion_loss_kernel[grid](
-            pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
-            partials, counter, loss, t, table, weights, seed if draw else t,
-            sample_numel(pred), table.shape[1], C, HW,
-            USE_EPS=use_eps, USE_X0=use_x0, DRAW_NOISE=draw, STORE_GRAD=store_grad, REDUCTION=REDUCTIONS[reduction],
-            CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
+        launch(diffusion_loss_kernel, grid,
+               pred, x0 if use_x0 else pred, pred if draw or not use_eps else noise, pred if grad is None else grad,
+               partials, counter, loss, t, table, weights, seed if draw else t,
+               sample_numel(pred), table.shape[1], C, HW,
+               USE_EPS=use_eps, USE_X0=use_x0, DRAW_NOISE=draw, STORE_GRAD=store_grad,
+               REDUCTION=REDUCTIONS[reduction], CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps,
+               **CHECKED)
     except BaseException:
         counter.zero_()  # an interrupted launch leaves the slot part-counted (see reduction_counter)
         raise
@@ -110,8 +112,8 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
 def scale_grad_(grad, grad_output):
     """Scale the stored gradient by grad_output (shape () or (B,)) in place."""
     grid, block, num_warps = launch_config(grad)
-    scale_grad_kernel[grid](grad, grad_output.contiguous(), sample_numel(grad), PER_SAMPLE=grad_output.ndim == 1,
-                            BLOCK=block, num_warps=num_warps)
+    launch(scale_grad_kernel, grid, grad, grad_output.contiguous(), sample_numel(grad),
+           PER_SAMPLE=grad_output.ndim == 1, BLOCK=block, num_warps=num_warps)
 
 
 def _target_grads(grad, prediction, t, table, needs_x0, needs_noise):

@@ -34,6 +34,7 @@ from ._common import (AB, CHECKED, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS,
                       SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, eager, kernel_layout,
                       launch_config, like_layout, load_timestep, model_output_offsets, sample_numel, sample_offsets,
                       step_noise)
+from ._launch import launch
 
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
@@ -179,7 +180,8 @@ def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction
     draw = add_noise and noise is None
     grid, block, num_warps = step_launch_config(x_t)
     C, HW = channel_sizes(x_t, channels_last)
-    p_sample_kernel[grid](
+    launch(
+        p_sample_kernel, grid,
         model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
         log_var if store_variance else out, var if store_variance else out,
@@ -198,7 +200,8 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
     add_noise = eta != 0
     grid, block, num_warps = step_launch_config(x_t)
     C, HW = channel_sizes(x_t, channels_last)
-    ddim_kernel[grid](
+    launch(
+        ddim_kernel, grid,
         model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
         sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
                       load_timestep, sample_numel, sample_offsets, standard_normal)
+from ._launch import launch
 
 
 @triton.jit
@@ -49,7 +50,8 @@ def q_sample_forward(x0, t, noise, table, seed, channels_last, store_noise, draw
     t_out = torch.empty(x0.shape[0], dtype=torch.int64, device=x0.device) if draw_t else None
     grid, block, num_warps = launch_config(x0)
     C, HW = channel_sizes(x0, channels_last)
-    q_sample_kernel[grid](
+    launch(
+        q_sample_kernel, grid,
         x0, x0 if draw else noise, out, out if noise_out is None else noise_out, t, t if t_out is None else t_out,
         table, seed if draw and not draw_t else t,
         sample_numel(x0), table.shape[1], C, HW,

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import (AB, CHECKED, SQRT_RECIPM1_AB, channel_sizes, eager, kernel_layout, launch_config, like_layout,
                       model_output_offsets, sample_numel, sample_offsets, step_noise)
+from ._launch import launch
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
 TIME_IDS = {"sigma": 0, "timestep": 1, "fractional": 2}
@@ -284,10 +285,10 @@ def _launch(kernel, model_output, x_t, table, prediction, channels_last, *pointe
     x_prev, x0_hat = torch.empty_like(x_t), torch.empty_like(x_t)
     grid, block, num_warps = step_launch_config(x_t)
     C, HW = channel_sizes(x_t, channels_last)
-    kernel[grid](model_output, x_t, *(x_t if p is None else p for p in pointers), table, x_prev, x0_hat,
-                 sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction],
-                 WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], CHANNELS_LAST=channels_last,
-                 BLOCK=block, num_warps=num_warps, **flags, **CHECKED)
+    launch(kernel, grid, model_output, x_t, *(x_t if p is None else p for p in pointers), table, x_prev, x0_hat,
+           sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction],
+           WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1], CHANNELS_LAST=channels_last,
+           BLOCK=block, num_warps=num_warps, **flags, **CHECKED)
     return x_prev, x0_hat
 
 

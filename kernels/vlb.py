@@ -34,6 +34,7 @@ from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
 from ._common import (CHECKED, COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_1M_AB, SQRT_AB, eager, kernel_layout,
                       launch_config, like_layout, load_model_output, load_timestep, model_output_offsets, sample_numel,
                       sample_offsets)
+from ._launch import launch
 
 FIXED_LOG_VARIANCE_ROWS = {"fixed_small": KERNEL_ROWS.index("posterior_log_variance_clipped"),
                            "fixed_large": KERNEL_ROWS.index("fixed_large_log_variance"),
@@ -211,7 +212,8 @@ def _launch(model_output, x0, x_t, noise, t, table, pred_table, grad_scale, lear
     compute_grad = grad_scale is not None
     partials = torch.empty((3 if with_mse else 1, batch, grid[0]), device=x0.device, dtype=torch.float32)
     grad = torch.empty_like(model_output) if compute_grad else partials
-    vb_terms_kernel[grid](
+    launch(
+        vb_terms_kernel, grid,
         model_output, x0, x_t, noise if with_mse else x0, t, table, pred_table, partials,
         grad_scale if compute_grad else partials, grad,
         per_sample, table.shape[1], channels, grid[0], fixed_log_var_row,
