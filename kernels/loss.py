@@ -129,24 +129,26 @@ class _DiffusionLoss(torch.autograd.Function):
     """The eager path: the kernel in forward, the in-place scaling of its gradient in backward."""
 
     @staticmethod
-    def forward(ctx, pred, x0, noise, t, table, weights, seed, options):
-        loss, ctx.grad = diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, *options, True)
-        ctx.options = options
-        ctx.save_for_backward(pred, x0, noise, t, table, weights, seed)
+    def forward(ctx, pred, x0, noise, rest):
+        """rest: (t, table, weights, seed, prediction, reduction, channels_last), what no gradient reaches;
+        one argument, so that autograd looks at four instead of ten (host time)."""
+        loss, ctx.grad = diffusion_loss_forward(pred, x0, noise, *rest, True)
+        ctx.rest = rest
+        ctx.save_for_backward(pred, x0, noise)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None  # handed over to autograd, which may keep it as pred.grad
         if grad is None:  # a second backward through the graph (retain_graph=True): recompute
-            grad = diffusion_loss_forward(*ctx.saved_tensors, *ctx.options, True)[1]
+            grad = diffusion_loss_forward(*ctx.saved_tensors, *ctx.rest, True)[1]
         scale_grad_(grad, grad_loss)
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return grad, None, None, None, None, None, None, None
-        _, _, _, t, table, _, _ = ctx.saved_tensors
-        grad_x0, grad_noise = _target_grads(grad, ctx.options[0], t, table, ctx.needs_input_grad[1],
+            return grad, None, None, None
+        t, table, _, _, prediction, _, _ = ctx.rest
+        grad_x0, grad_noise = _target_grads(grad, prediction, t, table, ctx.needs_input_grad[1],
                                             ctx.needs_input_grad[2])
-        return grad, grad_x0, grad_noise, None, None, None, None, None
+        return grad, grad_x0, grad_noise, None
 
 
 @torch.library.custom_op("fastddpm::diffusion_loss", mutates_args=())
@@ -202,4 +204,4 @@ def diffusion_loss(model_output, x0, noise, t, table, weights, seed, *, predicti
     if eager(pred, x0, noise):
         return diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
                                       False)[0]
-    return _DiffusionLoss.apply(pred, x0, noise, t, table, weights, seed, (prediction, reduction, channels_last))
+    return _DiffusionLoss.apply(pred, x0, noise, (t, table, weights, seed, prediction, reduction, channels_last))
