@@ -161,12 +161,16 @@ _MIXINS = {"DDPMScheduler": _DDPMStep, "DDIMScheduler": _DDIMStep}
 
 
 def __getattr__(name):
-    """DDPMScheduler and DDIMScheduler, built (and diffusers imported) on first access."""
-    if name not in _MIXINS:
+    """DDPMScheduler and DDIMScheduler, built (and diffusers imported) on first access; and diffusers'
+    SchedulerMixin, which diffusers looks up in the library a saved pipeline names for its scheduler
+    (this module), to find how to load it."""
+    if name not in _MIXINS and name != "SchedulerMixin":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import diffusers
 
     base = getattr(diffusers, name)
+    if name == "SchedulerMixin":
+        return base
     cls = type(name, (_MIXINS[name], base), {
         "__module__": __name__, "__qualname__": name,
         "__doc__": f"diffusers' {name}, stepping with fastddpm's fused ops (see fastddpm.diffusers)."})
