@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import use_backend
 from fastddpm import NoiseSchedule, sample
 
 diffusers = pytest.importorskip("diffusers")
@@ -60,6 +61,7 @@ def test_sample_is_the_pipeline_in_50_steps(method, spacing, offset):
     assert_images_close(ours, in_pipeline.permute(0, 2, 3, 1), atol=1e-6)  # the same fused steps
 
 
+@torch.no_grad()
 def float64_ddpm_pipeline(model, steps, monkeypatch):
     """DDPMPipeline's loop with DDPMScheduler.step in float64 (its tables and the model in float64, the
     noise drawn in float32 as the float32 pipeline draws it): the exact value of the pipeline."""
@@ -229,3 +231,17 @@ def test_diffusers_is_imported_on_first_use_only():
     assert done.returncode == 0, done.stderr[-2000:]
     with pytest.raises(AttributeError, match="has no attribute 'PNDMScheduler'"):
         FD.PNDMScheduler  # noqa: B018
+
+
+@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_noise_fn_replaces_the_kernels_noise(method, eta, triton_backend):
+    """On the kernels too, the steps add noise_fn's noise (here the pipeline's), not Philox noise."""
+    model = denoiser()
+    schedule = NoiseSchedule.from_diffusers(PIPELINES[method][1]())
+    runs = []
+    for backend in ("triton", "torch"):
+        with use_backend(backend):
+            x_T, noise_fn = FD.pipeline_noise(SHAPE, torch.Generator().manual_seed(1))
+            runs.append(sample(model, SHAPE, schedule, method=method, steps=8, eta=eta, x_T=x_T, noise_fn=noise_fn,
+                               progress=False))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5)
