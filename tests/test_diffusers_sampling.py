@@ -61,6 +61,17 @@ def test_sample_is_the_pipeline_in_50_steps(method, spacing, offset):
     assert_images_close(ours, in_pipeline.permute(0, 2, 3, 1), atol=1e-6)  # the same fused steps
 
 
+@pytest.mark.parametrize("method, config", [
+    ("ddim", dict(prediction_type="v_prediction", set_alpha_to_one=False)),
+    ("ddpm", dict(prediction_type="sample", variance_type="fixed_large", timestep_spacing="linspace")),
+    ("ddpm", dict(thresholding=True, sample_max_value=float("inf"), timestep_spacing="trailing")),
+])
+def test_sample_is_the_pipeline_with_the_schedulers_options(method, config):
+    theirs, in_pipeline, ours = three_ways(denoiser(), method, 20, **config)
+    assert_images_close(ours, theirs.permute(0, 2, 3, 1), atol=1e-5)
+    assert_images_close(ours, in_pipeline.permute(0, 2, 3, 1), atol=1e-6)
+
+
 @torch.no_grad()
 def float64_ddpm_pipeline(model, steps, monkeypatch):
     """DDPMPipeline's loop with DDPMScheduler.step in float64 (its tables and the model in float64, the
