@@ -4,8 +4,11 @@ Shape, dtype and device checks are plain Python on static metadata, so they cost
 under torch.compile. The range of t is a value check: exact (ValueError) for CPU tensors
 in eager mode; elsewhere an asynchronous device assert, so there is no host sync or graph break.
 """
+import functools
+
 import torch
 
+from .options import PREDICTION_SYNONYMS, PREDICTIONS, canonical_prediction
 from .schedule import NoiseSchedule
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -70,6 +73,24 @@ def check_choice(value, name, choices):
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_prediction(prediction, name="prediction"):
+    """`prediction` as fastddpm names it ("eps", "x0" or "v"); diffusers' prediction_type and
+    denoising-diffusion-pytorch's objective names are accepted for them."""
+    canonical = canonical_prediction(prediction)
+    if canonical not in PREDICTIONS:
+        raise ValueError(f"{name} must be one of {PREDICTIONS} (or their names elsewhere, "
+                         f"{tuple(PREDICTION_SYNONYMS)}), got {prediction!r}")
+    return canonical
+
+
+def schedule_default(value, name, schedule, fallback):
+    """`value` if given, else the schedule's default for option `name` (a schedule built from a
+    diffusers scheduler keeps its config's), else `fallback`."""
+    if value is not None:
+        return value
+    return schedule.defaults.get(name, fallback)
+
+
 def check_generator(generator, name="generator"):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
@@ -98,3 +119,46 @@ def model_output(out, name="model"):
         return out["sample"]
     raise TypeError(f"{name} returned {type(out).__name__}: expected a tensor, an object with a .sample tensor "
                     "(diffusers), a tuple whose first element is a tensor, or a dict with a 'sample' tensor")
+
+
+def model_tensors(model, depth=3):
+    """The parameters, then the buffers, of the module(s) `model` computes with: a module's own, or
+    those of the module a bound method, a functools.partial, a `__wrapped__` function, a callable
+    object's attributes, or a function's closure or global names refer to (a lambda around a
+    module), searched `depth` wrappers deep. Empty when there is none (a plain function)."""
+    modules = _modules(model, depth, set())
+    return [p for m in modules for p in m.parameters()] + [b for m in modules for b in m.buffers()]
+
+
+def _modules(obj, depth, seen):
+    if id(obj) in seen or obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor, type)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if depth == 0 or not callable(obj):
+        return []
+    inner = [getattr(obj, "__self__", None), getattr(obj, "__wrapped__", None)]
+    if isinstance(obj, functools.partial):
+        inner += [obj.func, *obj.args, *obj.keywords.values()]
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                inner.append(cell.cell_contents)
+            except ValueError:  # a cell not filled yet
+                pass
+        names = getattr(obj, "__globals__", {})
+        inner += [names[name] for name in code.co_names if name in names]
+    elif not isinstance(obj, (functools.partial, type(len))) and hasattr(obj, "__dict__"):
+        inner += list(vars(obj).values())  # a callable object holding its module
+    return [m for item in inner for m in _modules(item, depth - 1, seen)]
+
+
+def check_model_dtype(model, dtype, name):
+    """Float64 inputs (of `dtype`, given as `name`) to a model whose parameters are not float64, or
+    the reverse, fail inside the model's first layer: say so before the model runs."""
+    tensors = [p for p in model_tensors(model) if p.is_floating_point()]
+    if tensors and (tensors[0].dtype == torch.float64) != (dtype == torch.float64):
+        raise TypeError(f"{name} is {dtype} but the model's parameters are {tensors[0].dtype}: pass {name} as "
+                        f"{tensors[0].dtype} (or convert the model with .to({dtype}))")

@@ -6,8 +6,9 @@ import math
 import torch
 
 from . import functional, reference
-from ._checks import check_choice, check_float, check_generator, check_schedule, model_output
-from .options import CLIP_OPTIONS, PREDICTIONS, STRATA, VARIANCES
+from ._checks import (check_choice, check_float, check_generator, check_model_dtype, check_prediction, check_schedule,
+                      model_output, schedule_default)
+from .options import CLIP_OPTIONS, STRATA, VARIANCES
 
 __all__ = ["elbo_bpd"]
 
@@ -66,7 +67,7 @@ def collapsed_strata_stderr(contributions):
     return variance.sqrt()
 
 
-def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=True, timesteps=None,
+def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denoised=None, timesteps=None,
              progress=True, generator=None, model_kwargs=None, batch_timesteps=False, tanh_cdf=False, strata="log"):
     """The negative ELBO of each image of x0 in bits/dim (math.md section 6), under `model`.
 
@@ -88,7 +89,9 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
     batch_timesteps: False (one model call per timestep), True (every timestep of the loop in one
     call) or an int k (k timesteps per call, batch k·B). clip_denoised: True (default, as
     improved-diffusion and `fastddpm elbo`), False or "dynamic" (Imagen's thresholding: computed by
-    the reference, as a per-sample quantile). The model may return a tensor, a diffusers output's
+    the reference, as a per-sample quantile). prediction ("eps", "x0", "v" or diffusers' names),
+    variance and clip_denoised left None come from `schedule.defaults` (a diffusers scheduler's
+    config), else "eps", "fixed_small" and True. A float64 x0 needs a float64 model. The model may return a tensor, a diffusers output's
     `.sample`, a tuple or a dict with "sample". Runs under
     torch.no_grad; float32 results (float64 for float64 x0).
     """
@@ -96,7 +99,10 @@ def elbo_bpd(model, x0, schedule, *, prediction="eps", variance="fixed_small", c
     check_float(x0, "x0")
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
-    check_choice(prediction, "prediction", PREDICTIONS)
+    check_model_dtype(model, x0.dtype, "x0")
+    prediction = check_prediction(schedule_default(prediction, "prediction", schedule, "eps"))
+    variance = schedule_default(variance, "variance", schedule, "fixed_small")
+    clip_denoised = schedule_default(clip_denoised, "clip_denoised", schedule, True)
     check_choice(variance, "variance", VARIANCES)
     check_choice(clip_denoised, "clip_denoised", CLIP_OPTIONS)
     check_generator(generator)

@@ -1,5 +1,6 @@
 """DiffusionLoss: one DDPM training loss call, a thin module over `functional.diffusion_loss` and
 `functional.hybrid_loss`; on the kernels the noise is drawn in q-sample and never stored."""
+import math
 import warnings
 from typing import NamedTuple
 
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from ._checks import check_choice, check_float, check_generator, check_like, check_schedule, model_output
-from .options import PREDICTIONS, REDUCTIONS, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
+from ._checks import (check_choice, check_float, check_generator, check_like, check_model_dtype, check_prediction,
+                      check_schedule, model_output, schedule_default)
+from .options import REDUCTIONS, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
 from .resample import LossSecondMomentSampler
 
 
@@ -36,7 +38,15 @@ class DiffusionLoss(nn.Module):
     (retain_graph=True) on every backend: the kernel hands its precomputed gradient to the first
     backward and recomputes it for a second. `state_dict()` holds the importance sampler's history.
     Under torch.compile(fullgraph=True) leave `generator` None (Dynamo cannot trace one):
-    the global RNG then gives the same graph every step.
+    the global RNG then gives the same graph every step. x0: float data in [-1, 1] (uint8 is
+    refused, values far outside [-1, 1] warned about once); float64 x0 runs the float64 reference
+    and needs a float64 model (a float32 one is refused before it runs).
+
+    Self-conditioning (Chen et al. 2022, as denoising-diffusion-pytorch): with
+    `self_condition=True` the model is called as `model(x_t, t, x_self_cond, **model_kwargs)`,
+    x_self_cond None for half the batches and, for the other half (a coin per call), the x0_hat of
+    a first call `model(x_t, t, None)` under no_grad; `sample(..., self_condition=True)` passes the
+    previous step's x0_hat.
 
     For loops that call the model themselves::
 
@@ -52,21 +62,25 @@ class DiffusionLoss(nn.Module):
 
     Args:
         schedule: a NoiseSchedule (kept as `.schedule`).
-        prediction: what the model predicts: "eps", "x0" or "v".
+        prediction: what the model predicts: "eps", "x0" or "v" (or diffusers' "epsilon", "sample",
+            "v_prediction"); None: the schedule's default (from a diffusers config), else "eps".
         weighting: "simple", "vlb", "snr", "min_snr", "p2", or a tensor of length T.
         gamma: the min-SNR clip (Hang et al.: 5).
         reduction: "mean" (default), "sum" or "none" (the per-sample losses).
-        variance: "fixed_small" (default), "fixed_large" or "learned_range".
+        variance: "fixed_small", "fixed_large" or "learned_range"; None: the schedule's default, else
+            "fixed_small".
         loss_type: "mse" (default; "hybrid" with a learned variance) or "kl".
         vlb_weight: the weight of vb_t in the hybrid or KL loss (None: T/1000 or T).
         timestep_sampler: "uniform" (default), "loss-second-moment" or a LossSecondMomentSampler.
+        self_condition: call the model with x_self_cond (see above).
     """
 
-    def __init__(self, schedule, prediction="eps", weighting="simple", gamma=5.0, reduction="mean", *,
-                 variance="fixed_small", loss_type="mse", vlb_weight=None, timestep_sampler="uniform"):
+    def __init__(self, schedule, prediction=None, weighting="simple", gamma=5.0, reduction="mean", *,
+                 variance=None, loss_type="mse", vlb_weight=None, timestep_sampler="uniform", self_condition=False):
         super().__init__()
         check_schedule(schedule)
-        check_choice(prediction, "prediction", PREDICTIONS)
+        prediction = check_prediction(schedule_default(prediction, "prediction", schedule, "eps"))
+        variance = schedule_default(variance, "variance", schedule, "fixed_small")
         check_choice(reduction, "reduction", REDUCTIONS)
         check_choice(variance, "variance", VARIANCES)
         check_choice(loss_type, "loss_type", ("mse", "kl"))
@@ -83,6 +97,8 @@ class DiffusionLoss(nn.Module):
             check_choice(weighting, "weighting", WEIGHTINGS)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
             raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
+        if not isinstance(self_condition, bool):
+            raise TypeError(f"self_condition must be a bool, got {type(self_condition).__name__}")
         self.schedule = schedule
         self.prediction = prediction
         self.weighting = weighting
@@ -92,13 +108,41 @@ class DiffusionLoss(nn.Module):
         self.loss_type = loss_type  # with a learned variance, "mse" is improved DDPM's hybrid loss
         self.vlb_weight = vlb_weight
         self.timestep_sampler = timestep_sampler
+        self.self_condition = self_condition
         self._range_checked = False
+
+    @classmethod
+    def from_lucidrains(cls, schedule, objective="pred_v", min_snr_loss_weight=False, min_snr_gamma=5, *,
+                        self_condition=False, reduction="mean"):
+        """denoising-diffusion-pytorch's GaussianDiffusion loss: the MSE of `objective` ("pred_noise",
+        "pred_x0", "pred_v") weighted by clipped_snr / snr, clipped_snr or clipped_snr / (snr + 1)
+        with clipped_snr = min(snr, min_snr_gamma) or snr: our min-SNR weights with gamma
+        min_snr_gamma or infinity."""
+        gamma = min_snr_gamma if min_snr_loss_weight else math.inf
+        return cls(schedule, objective, "min_snr", gamma, reduction, self_condition=self_condition)
 
     def forward(self, model, x0, *, generator=None, **model_kwargs):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
+        if isinstance(x0, torch.Tensor) and x0.dtype == torch.float64:
+            check_model_dtype(model, x0.dtype, "x0")
         x_t, t, state = self.noise(x0, generator=generator)
-        return self.loss(model_output(model(x_t, t, **model_kwargs)), x0, state)
+        if not self.self_condition:
+            return self.loss(model_output(model(x_t, t, **model_kwargs)), x0, state)
+        x_self_cond = None
+        if self._coin(generator):
+            with torch.no_grad():
+                first = model_output(model(x_t, t, None, **model_kwargs))
+                x_self_cond = functional.p_mean_variance(first, x_t, t, self.schedule, prediction=self.prediction,
+                                                         variance=self.variance)[3]
+        return self.loss(model_output(model(x_t, t, x_self_cond, **model_kwargs)), x0, state)
+
+    @staticmethod
+    def _coin(generator):
+        """True with probability 1/2, drawn on the CPU (no device sync) unless `generator` is a device's."""
+        if generator is None or generator.device.type == "cpu":
+            return bool(torch.rand((), generator=generator) < 0.5)
+        return bool(torch.rand((), generator=generator, device=generator.device) < 0.5)
 
     def _check_data(self, x0):
         """x0 is float data in [-1, 1]: uint8 images are refused with the scaling to use, values far
@@ -153,7 +197,8 @@ class DiffusionLoss(nn.Module):
         weighting = "tensor" if isinstance(self.weighting, torch.Tensor) else repr(self.weighting)
         return (f"T={self.schedule.num_timesteps}, prediction={self.prediction!r}, weighting={weighting}, "
                 f"gamma={self.gamma}, reduction={self.reduction!r}, variance={self.variance!r}, "
-                f"loss_type={self.loss_type!r}, timestep_sampler={type(self.timestep_sampler).__name__}")
+                f"loss_type={self.loss_type!r}, timestep_sampler={type(self.timestep_sampler).__name__}, "
+                f"self_condition={self.self_condition}")
 
     def get_extra_state(self):
         """The importance sampler's loss history, so that `state_dict()` resumes it."""

@@ -2,6 +2,10 @@
 CLI and the kernels all check against and document these names."""
 
 PREDICTIONS = ("eps", "x0", "v")  # what the model predicts (math.md section 4)
+# Other libraries' names for them, accepted wherever a prediction is: diffusers' prediction_type
+# and denoising-diffusion-pytorch's objective. `canonical_prediction` is the one place they are read.
+PREDICTION_SYNONYMS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0",
+                       "pred_noise": "eps", "pred_v": "v", "pred_x0": "x0"}
 WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")  # loss weights over t (math.md section 5)
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the reverse step's variance
 REDUCTIONS = ("mean", "sum", "none")  # over the batch
@@ -15,3 +19,9 @@ STRATA = ("log", "equal")  # strata of the ELBO's K-sample estimate
 SCHEDULES = ("linear", "cosine")  # schedules the command line builds by name
 
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995  # Imagen's percentile of |x0_hat| for clip_denoised="dynamic"
+
+
+def canonical_prediction(prediction):
+    """fastddpm's name of a prediction given by another library's name; anything else as given
+    (the caller checks it against PREDICTIONS)."""
+    return PREDICTION_SYNONYMS.get(prediction, prediction) if isinstance(prediction, str) else prediction

@@ -1,9 +1,10 @@
 """The sampling loops behind `fastddpm.sample`, one fused step per model call (docs/math.md sections 4, 8).
 
-Each loop takes `denoise(x_t, t) -> model output` (guidance already wrapped in), the starting x,
-the per-step times already on the device (row k is step k's, so the loop never synchronises with
-the host), the Philox seeds of every step (drawn at once; None on the PyTorch path, which draws
-with `generator`) and `callback(step, t, x, x0_hat)`.
+Each loop takes `denoise(x_t, t, x0_hat) -> model output` (guidance already wrapped in; x0_hat is
+the previous step's, None at the first, for self-conditioning), the starting x, the per-step times
+already on the device (row k is step k's, so the loop never synchronises with the host), the
+Philox seeds of every step (drawn at once; None on the PyTorch path, which draws with
+`generator`), or `noise_fn(k, x)` giving step k's noise, and `callback(step, t, x, x0_hat)`.
 """
 import torch
 
@@ -15,15 +16,17 @@ STOCHASTIC = ("dpm++2m-sde", "dpm++3m-sde", "euler-a")
 
 
 def ancestral_loop(denoise, x, schedule, *, method, eta, t_steps, t_prev_steps, model_t_steps, seeds, generator,
-                   options, callback, progress, cuda_graph):
+                   options, callback, progress, cuda_graph, noise_fn=None, draws=None, self_condition=False):
     """DDPM (method "ddpm": `functional.p_sample_step`) or DDIM (`functional.ddim_step` from t to
-    t_prev) over the rows of `t_steps`; returns (x_0, the last x0_hat or None)."""
-    wants_x0_hat = callback is not None or options["return_x0_hat"]
+    t_prev) over the rows of `t_steps`; returns (x_0, the last x0_hat or None). With `noise_fn`, step
+    k's noise is noise_fn(k, x) where `draws[k]` (a host list), zero elsewhere."""
+    wants_x0_hat = callback is not None or options["return_x0_hat"] or self_condition
 
-    def step(x, t, t_prev, model_t, seed):
+    def step(x, t, t_prev, model_t, seed, noise=None, x0_hat=None):
         """(x_{t-1}, x0_hat or None): one model call and one fused step."""
-        out = denoise(x, model_t)
-        kwargs = dict(options, return_x0_hat=wants_x0_hat, seed=seed, generator=None if seed is not None else generator)
+        out = denoise(x, model_t, x0_hat)
+        drawn = seed is not None or noise is not None
+        kwargs = dict(options, return_x0_hat=wants_x0_hat, seed=seed, noise=noise, generator=None if drawn else generator)
         if method == "ddpm":
             result = F.p_sample_step(out, x, t, schedule, **kwargs)
         else:
@@ -35,12 +38,14 @@ def ancestral_loop(denoise, x, schedule, *, method, eta, t_steps, t_prev_steps, 
     if cuda_graph:
         run_step = _graphed_step(step, x, (t_steps, t_prev_steps, model_t_steps, seeds))
     else:
-        def run_step(x, k):
-            return step(x, t_steps[k], t_prev_steps[k], model_t_steps[k], None if seeds is None else seeds[k:k + 1])
+        def run_step(x, k, x0_hat):
+            noise = None if noise_fn is None else noise_fn(k, x) if draws[k] else torch.zeros_like(x)
+            return step(x, t_steps[k], t_prev_steps[k], model_t_steps[k], None if seeds is None else seeds[k:k + 1],
+                        noise, x0_hat if self_condition else None)
 
     x0_hat = None
     for k in progress(range(n)):
-        x, x0_hat = run_step(x, k)
+        x, x0_hat = run_step(x, k, x0_hat)
         if callback is not None:
             callback(k, model_t_steps[k], x, x0_hat)
     if cuda_graph:  # the graph's static buffers are overwritten by the next replay
@@ -63,7 +68,7 @@ def solver_loop(denoise, x, schedule, *, method, plan, orders, correctors, solve
     history = []  # (x0_hat, σ row) of the previous steps, newest first
     x0_hat = None
     for k in progress(range(n)):
-        out = denoise(x, model_t[k])
+        out = denoise(x, model_t[k], x0_hat)
         times = [sigmas[k], sigmas[k + 1]]
         if method == "unipc":
             used = history[:max(orders[k] - 1, correctors[k])]
@@ -79,7 +84,7 @@ def solver_loop(denoise, x, schedule, *, method, plan, orders, correctors, solve
         elif method == "heun":
             x_next, x0_hat = S.euler_update("euler", out, x, times, schedule, time="sigma", **options)
             if k < n - 1:  # the last step, to σ = 0, is Euler's alone
-                out = denoise(x_next, model_t[k + 1])
+                out = denoise(x_next, model_t[k + 1], x0_hat)
                 x_next, x0_hat = S.euler_update("heun", out, x_next, times, schedule, time="sigma", first=x0_hat,
                                                 **options)
         else:
@@ -115,7 +120,7 @@ def _graphed_step(step, x, rows):
         x_prev, x0_hat = step(static_x, *inputs())
         static_x.copy_(x_prev)
 
-    def run_step(x, k):
+    def run_step(x, k, _):
         for static, row in zip(static_rows, rows):
             if static is not None:
                 static.copy_(row[k:k + 1])

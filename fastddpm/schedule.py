@@ -1,9 +1,11 @@
 """Noise schedules: every table of math.md section 1, built once in float64."""
 import math
+import warnings
+from collections.abc import Mapping
 
 import torch
 
-from .options import PREDICTIONS, WEIGHTINGS
+from .options import DYNAMIC_THRESHOLD_PERCENTILE, PREDICTIONS, SPACINGS, WEIGHTINGS, canonical_prediction
 
 # Rows of the float32 table the kernels gather from, in this order (see `kernel_table`).
 KERNEL_ROWS = (
@@ -27,12 +29,14 @@ KERNEL_ROWS = (
 PREDICTION_ROWS = ("x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target_x0")
 
 
-
 class NoiseSchedule:
     """A DDPM noise schedule of `T` steps, `t = 0 … T-1` (math.md sections 1-2).
 
     Every table is a float64 CPU tensor named as in improved-diffusion. Kernels read
-    float32 copies from `kernel_table(device)`, built once per device and cached.
+    float32 copies from `kernel_table(device)`, built once per device and cached. `defaults`: the
+    options a diffusers scheduler's config sets (prediction, clip_denoised, variance, spacing,
+    steps_offset, set_alpha_to_one, use_clipped_model_output), which DiffusionLoss, sample and
+    elbo_bpd use where their argument is None; empty for the other constructors.
     """
 
     def __init__(self, betas):
@@ -62,6 +66,7 @@ class NoiseSchedule:
         # fixed_large: betas, with t = 0 using posterior_variance[1] (improved-diffusion).
         self.fixed_large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]])
         self.fixed_large_log_variance = self.fixed_large_variance.log()
+        self.defaults = {}
         self._kernel_tables = {}
         self._prediction_tables = {}
         self._weight_tables = {}
@@ -107,10 +112,51 @@ class NoiseSchedule:
 
     @classmethod
     def from_diffusers(cls, scheduler, *, zero_terminal_snr=False):
-        """The betas of any diffusers scheduler (DDPMScheduler, DDIMScheduler, …)."""
-        if not hasattr(scheduler, "betas"):
-            raise TypeError(f"scheduler must be a diffusers scheduler with .betas, got {type(scheduler).__name__}")
-        return cls._build(scheduler.betas.to(torch.float64), zero_terminal_snr)
+        """The schedule of a diffusers scheduler (DDPMScheduler, DDIMScheduler, …) or of its config (a
+        FrozenDict or dict), with the config's sampling options kept in `defaults`.
+
+        Its alphas_cumprod are the scheduler's (float32, what every diffusers step reads; from a
+        config, built as diffusers builds them), its betas 1 - ab_t / ab_{t-1}. `defaults`: see
+        `diffusers_defaults`.
+        """
+        config = getattr(scheduler, "config", scheduler)
+        if not isinstance(config, Mapping) or "num_train_timesteps" not in config:
+            raise TypeError("scheduler must be a diffusers scheduler or its config (with num_train_timesteps), "
+                            f"got {type(scheduler).__name__}")
+        ab = getattr(scheduler, "alphas_cumprod", None)
+        ab = diffusers_alphas_cumprod(config) if ab is None else ab
+        ab = torch.as_tensor(ab).detach().cpu().to(torch.float64)
+        schedule = cls._build(1.0 - ab / torch.cat([ab.new_ones(1), ab[:-1]]), zero_terminal_snr)
+        schedule.defaults = diffusers_defaults(config)
+        return schedule
+
+    @classmethod
+    def from_lucidrains(cls, timesteps=1000, beta_schedule="sigmoid", **schedule_fn_kwargs):
+        """denoising-diffusion-pytorch's GaussianDiffusion(timesteps=, beta_schedule=, schedule_fn_kwargs=)
+        betas, in float64 as it builds them.
+
+        "linear": Ho et al.'s 1e-4 … 0.02, both scaled by 1000 / T. "cosine" (s=0.008) and "sigmoid"
+        (start=-3, end=3, tau=1; Chen 2023, fig. 8) define ab(u) on u = t / T, t = 0 … T, normalise it
+        by ab(0) and take betas = 1 - ab(u_{t+1}) / ab(u_t) clipped to [0, 0.999]:
+        cosine ab(u) = cos²((u + s) / (1 + s) · π/2); sigmoid ab(u) = (σ(end/τ) - σ((u (end - start)
+        + start) / τ)) / (σ(end/τ) - σ(start/τ)), σ(end/τ) and σ(start/τ) rounded to float32 as there
+        (`clamp_min` is accepted and unused, as there).
+        """
+        T = _steps(timesteps)
+        if beta_schedule == "linear":
+            if schedule_fn_kwargs:
+                raise TypeError(f"the linear schedule takes no options, got {sorted(schedule_fn_kwargs)}")
+            scale = 1000 / T
+            return cls(torch.linspace(scale * 0.0001, scale * 0.02, T, dtype=torch.float64))
+        u = torch.linspace(0, T, T + 1, dtype=torch.float64) / T
+        if beta_schedule == "cosine":
+            ab = _lucidrains_cosine(u, **schedule_fn_kwargs)
+        elif beta_schedule == "sigmoid":
+            ab = _lucidrains_sigmoid(u, **schedule_fn_kwargs)
+        else:
+            raise ValueError(f"beta_schedule must be 'linear', 'cosine' or 'sigmoid', got {beta_schedule!r}")
+        ab = ab / ab[0]
+        return cls(torch.clip(1 - ab[1:] / ab[:-1], 0, 0.999))
 
     @classmethod
     def _build(cls, betas, zero_terminal_snr):
@@ -134,7 +180,7 @@ class NoiseSchedule:
         sqrt_1m_ab (finite where ab = 0); v: x0_hat = sqrt_ab x_t - sqrt_1m_ab out, eps_hat =
         sqrt_1m_ab x_t + sqrt_ab out, target sqrt_ab eps - sqrt_1m_ab x0.
         """
-        key = (prediction, _table_device(device))
+        key = (canonical_prediction(prediction), _table_device(device))
         table = self._prediction_tables.get(key)
         if table is None:
             zero, one = torch.zeros_like(self.betas), torch.ones_like(self.betas)
@@ -143,7 +189,7 @@ class NoiseSchedule:
                 "eps": (self.sqrt_recip_alphas_cumprod, -self.sqrt_recipm1_alphas_cumprod, zero, one, one, zero),
                 "x0": (zero, one, 1.0 / sqrt_1m_ab, -sqrt_ab / sqrt_1m_ab, zero, one),
                 "v": (sqrt_ab, -sqrt_1m_ab, sqrt_1m_ab, sqrt_ab, sqrt_ab, -sqrt_1m_ab),
-            }[prediction]
+            }[key[0]]
             table = _float32_table(rows, key[1])
             self._prediction_tables[key] = table
         return table
@@ -165,6 +211,7 @@ class NoiseSchedule:
             if not bool(torch.isfinite(w).all()):
                 raise ValueError("weighting tensor must be finite")
             return w
+        prediction = canonical_prediction(prediction)
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         snr = self.snr
@@ -266,7 +313,87 @@ def rescale_zero_terminal_snr(betas):
     """Lin et al. 2024: shift and scale sqrt(ab) so the last is 0 and the first unchanged."""
     sqrt_ab = torch.cumprod(1.0 - betas, 0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # diffusers' order: float32 betas round as there
     ab = sqrt_ab ** 2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
+
+
+def _lucidrains_cosine(u, s=0.008):
+    return torch.cos((u + s) / (1 + s) * math.pi * 0.5) ** 2
+
+
+def _lucidrains_sigmoid(u, start=-3, end=3, tau=1, clamp_min=1e-5):
+    v_start, v_end = (torch.tensor(v / tau, dtype=torch.float32).sigmoid().double() for v in (start, end))
+    return (v_end - ((u * (end - start) + start) / tau).sigmoid()) / (v_end - v_start)
+
+
+def diffusers_alphas_cumprod(config):
+    """A DDPMScheduler / DDIMScheduler config's alphas_cumprod, in float32 as diffusers builds them."""
+    T = config["num_train_timesteps"]
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    kind = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+    elif kind == "linear":
+        betas = torch.linspace(start, end, T, dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float32) ** 2
+    elif kind == "squaredcos_cap_v2":
+        betas = NoiseSchedule.cosine(T).betas.float()  # betas_for_alpha_bar: Python floats, then float32
+    elif kind == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float32)) * (end - start) + start
+    else:
+        raise ValueError(f"beta_schedule {kind!r} of this config is not built here: pass the scheduler itself")
+    if config.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1.0 - betas, 0)
+
+
+# diffusers' variance_type -> ours; fixed_small_log is fixed_small's standard deviation through its log.
+DIFFUSERS_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                       "learned_range": "learned_range"}
+
+
+def diffusers_defaults(config):
+    """The fastddpm options a diffusers scheduler config sets, with a warning for what has no equal here.
+
+    Thresholding (Imagen's: s = clamp(quantile(|x0_hat|, dynamic_thresholding_ratio), 1,
+    sample_max_value), x0_hat = clamp(x0_hat, -s, s) / s) is clip_denoised="dynamic" when the ratio
+    is 0.995 and sample_max_value infinite, and plain clipping (True) when sample_max_value is 1;
+    other values are read as "dynamic" with a warning (the ratio is 0.995 and s has no cap here).
+    clip_sample_range other than 1 has no equal (fastddpm clips to [-1, 1]): clip_denoised=False,
+    with a warning. variance_type "learned" and "fixed_large_log" have none either (a warning; the
+    variance is left to each caller's default).
+    """
+    defaults = {"use_clipped_model_output": False}  # DDIMPipeline's default (eps from the model, not the clip)
+    if "prediction_type" in config:
+        prediction = canonical_prediction(config["prediction_type"])
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction_type {config['prediction_type']!r} has no fastddpm equal")
+        defaults["prediction"] = prediction
+    if config.get("thresholding", False):
+        ratio, cap = config.get("dynamic_thresholding_ratio", 0.995), config.get("sample_max_value", 1.0)
+        defaults["clip_denoised"] = True if cap == 1.0 else "dynamic"
+        if cap != 1.0 and (ratio != DYNAMIC_THRESHOLD_PERCENTILE or math.isfinite(cap)):
+            warnings.warn(f"thresholding with dynamic_thresholding_ratio={ratio}, sample_max_value={cap} is read as "
+                          f"clip_denoised='dynamic', whose ratio is {DYNAMIC_THRESHOLD_PERCENTILE} and whose "
+                          "threshold has no cap", stacklevel=3)
+    elif "clip_sample" in config:
+        clip_range = config.get("clip_sample_range", 1.0)
+        defaults["clip_denoised"] = bool(config["clip_sample"]) and clip_range == 1.0
+        if config["clip_sample"] and clip_range != 1.0:
+            warnings.warn(f"clip_sample_range={clip_range}: fastddpm clips x0_hat to [-1, 1] only, so the default "
+                          "is clip_denoised=False", stacklevel=3)
+    variance = config.get("variance_type")
+    if variance in DIFFUSERS_VARIANCES:
+        defaults["variance"] = DIFFUSERS_VARIANCES[variance]
+    elif variance is not None:
+        warnings.warn(f"variance_type {variance!r} has no fastddpm equal: pass variance= where it matters",
+                      stacklevel=3)
+    if config.get("timestep_spacing") in SPACINGS:
+        defaults["spacing"] = config["timestep_spacing"]
+    for name in ("steps_offset", "set_alpha_to_one"):
+        if name in config:
+            defaults[name] = config[name]
+    return defaults
