@@ -98,3 +98,20 @@ def test_out_of_range_t_under_compile_is_an_async_assert():
     torch.testing.assert_close(compiled(x0, T2), F.q_sample(x0, T2, x0, S))
     with pytest.raises(RuntimeError, match=r"t must lie in \[0, 100\)"):
         compiled(x0, torch.tensor([3, 100]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_every_op_takes_diffusers_and_lucidrains_prediction_names(backend):
+    out, x_t, x0, noise = x(2, 3, 4), x(2, 3, 4), x(2, 3, 4).clamp(-1, 1), x(2, 3, 4)
+    with use_backend(backend):
+        for ours, *theirs in (("eps", "epsilon", "pred_noise"), ("v", "v_prediction", "pred_v"),
+                              ("x0", "sample", "pred_x0")):
+            for name in theirs:
+                torch.testing.assert_close(F.p_sample_step(out, x_t, T2, S, noise=noise, prediction=name),
+                                           F.p_sample_step(out, x_t, T2, S, noise=noise, prediction=ours))
+                torch.testing.assert_close(F.ddim_step(out, x_t, T2, T2 - 1, S, prediction=name),
+                                           F.ddim_step(out, x_t, T2, T2 - 1, S, prediction=ours))
+                torch.testing.assert_close(F.diffusion_loss(out, x0, noise, T2, S, prediction=name),
+                                           F.diffusion_loss(out, x0, noise, T2, S, prediction=ours))
+                torch.testing.assert_close(F.vb_terms_bpd(out, x0, x_t, T2, S, prediction=name),
+                                           F.vb_terms_bpd(out, x0, x_t, T2, S, prediction=ours))

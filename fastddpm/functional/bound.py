@@ -2,7 +2,7 @@
 import torch
 
 from fastddpm import reference
-from fastddpm._checks import check_float, check_like, check_schedule
+from fastddpm._checks import (check_float, check_like, check_prediction, check_schedule)
 from fastddpm.kernels import vlb as vlb_kernel
 
 from ._args import check_reverse
@@ -32,6 +32,7 @@ def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", varian
     tanh_cdf=True: improved-diffusion's tanh approximation of the normal CDF in the decoder.
     clip_denoised="dynamic" (a per-sample quantile) runs the reference.
     """
+    prediction = check_prediction(prediction)
     return vb_terms_with_mse(model_output, x0, x_t, None, t, schedule, prediction=prediction, variance=variance,
                              clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)[0]
 
@@ -43,6 +44,7 @@ def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="
     None without noise. The kernel's float32 erf loses the decoder's far tails in float64, and
     dynamic thresholding is a per-sample quantile: both run the reference, the latter in float64
     and returned in float32."""
+    prediction = check_prediction(prediction)
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     check_like(x0, "x0", x_t, "x_t")
     if noise is not None:

@@ -2,7 +2,8 @@
 import torch
 
 from fastddpm import reference, torch_ops
-from fastddpm._checks import check_float, check_generator, check_like, check_schedule, check_timesteps, draw_seed
+from fastddpm._checks import (check_float, check_generator, check_like, check_prediction, check_schedule,
+                              check_timesteps, draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import posterior as posterior_kernel
 from fastddpm.kernels import q_sample as q_sample_kernel
@@ -56,6 +57,7 @@ def q_posterior(x0, x_t, t, schedule):
 def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False):
     """(mean, variance, log_variance, x0_hat) of p(x_{t-1} | x_t); with variance="learned_range"
     the model output has 2C channels. clip_denoised: False, True (clip x0_hat to [-1, 1]) or "dynamic"."""
+    prediction = check_prediction(prediction)
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
     if triton_path:
@@ -71,6 +73,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     from `generator` when not given; the reference backend draws with `generator` and rejects
     `seed`). `return_x0_hat=True` returns (x_{t-1}, x0_hat), x0_hat as used for the mean.
     """
+    prediction = check_prediction(prediction)
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     check_noise(noise, generator, x_t)
     seed = check_drawn_seed(seed, noise, x_t, triton_path)
@@ -98,6 +101,7 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
     clipped x0_hat, eps_hat follows it (improved-diffusion; diffusers' use_clipped_model_output=True)
     unless use_clipped_model_output=False, which keeps the model's own eps (DDIMPipeline's default).
     """
+    prediction = check_prediction(prediction)
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
     t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True, values=not triton_path)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:

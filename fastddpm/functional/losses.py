@@ -2,7 +2,8 @@
 import torch
 
 from fastddpm import reference, torch_ops
-from fastddpm._checks import check_choice, check_float, check_like, check_schedule, check_timesteps, draw_seed
+from fastddpm._checks import (check_choice, check_float, check_like, check_prediction, check_schedule, check_timesteps,
+                              draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import hybrid as hybrid_kernel
 from fastddpm.kernels import loss as loss_kernel
@@ -22,6 +23,7 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     noise q-sample added (Triton's Philox stream), never stored. That needs the triton
     backend; on the reference backend pass the noise itself (`q_sample(..., return_noise=True)`).
     """
+    prediction = check_prediction(prediction)
     check_schedule(schedule)
     check_float(x0, "x0")
     check_like(model_output, "model_output", x0, "x0")
@@ -97,6 +99,7 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
     weights). return_terms=True also returns {"mse": unweighted MSE, "vb": vb_t in bits/dim}, detached.
     The fused kernel computes the gradient in the forward pass; the backward only scales it.
     """
+    prediction = check_prediction(prediction)
     check_schedule(schedule)
     check_float(x0, "x0")
     check_choice(loss, "loss", LOSS_TYPES)

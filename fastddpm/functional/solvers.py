@@ -19,7 +19,7 @@ the float64-capable reference below (`reference_*`), by `fastddpm.backend.use_tr
 """
 import torch
 
-from fastddpm._checks import (check_choice, check_float, check_generator, check_like, check_schedule,
+from fastddpm._checks import (check_choice, check_float, check_generator, check_like, check_prediction, check_schedule,
                               check_timesteps, draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import solvers as solver_kernel
@@ -47,6 +47,7 @@ def dpm_solver_step(model_output, x_t, t, t_prev, schedule, *, history=(), order
     adds noise: `noise`, or drawn (in the kernel from a Philox `seed`, drawn from `generator` when
     not given; the reference draws with `generator`).
     """
+    prediction = check_prediction(prediction)
     check_choice(solver, "solver", SOLVERS)
     check_choice(solver_type, "solver_type", SOLVER_TYPES)
     _check_order(order, (1, 2, 3))
@@ -60,6 +61,7 @@ def dpm_solver_step(model_output, x_t, t, t_prev, schedule, *, history=(), order
 
 def euler_step(model_output, x_t, t, t_prev, schedule, *, prediction="eps", clip_denoised=False, time="timestep"):
     """One Euler step of the probability-flow ODE (EulerDiscreteScheduler, k-diffusion's sample_euler)."""
+    prediction = check_prediction(prediction)
     times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
     return euler_update("euler", model_output, x_t, times, schedule, time=time, prediction=prediction,
                         clip=clip_denoised)
@@ -69,6 +71,7 @@ def euler_ancestral_step(model_output, x_t, t, t_prev, schedule, *, noise=None, 
                          prediction="eps", clip_denoised=False, time="timestep"):
     """One Euler ancestral step (EulerAncestralDiscreteScheduler, sample_euler_ancestral with eta 1):
     Euler to σ_down, then noise of σ_up; noise as in `dpm_solver_step`."""
+    prediction = check_prediction(prediction)
     times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
     seed = _check_noise(noise, generator, seed, x_t, True)
     return euler_update("ancestral", model_output, x_t, times, schedule, time=time, noise=noise, seed=seed,
@@ -85,6 +88,7 @@ def heun_step(model_output, x_t, t, t_prev, schedule, *, x0_hat_first=None, pred
     With x0_hat_first the step is the corrector: x_t is the predictor's x_mid (at t_prev) and the
     model output is the model's at (x_mid, t_prev). The last step to σ = 0 is the predictor alone.
     """
+    prediction = check_prediction(prediction)
     times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
     if x0_hat_first is not None:
         check_like(x0_hat_first, "x0_hat_first", x_t, "x_t")
@@ -102,6 +106,7 @@ def unipc_step(model_output, x_t, t, t_prev, schedule, *, history=(), order=2, c
     σ(t_prev) = 0), the corrector's `corrector_order`: the previous predictor's order, by default
     min(order, len(history)); 0 for no correction (the first step).
     """
+    prediction = check_prediction(prediction)
     _check_order(order, (1, 2))
     if corrector_order is None:
         corrector_order = min(order, len(history))
