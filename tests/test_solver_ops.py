@@ -211,7 +211,7 @@ def _step(**kwargs):
     (_step(solver="dpmsolver"), ValueError, "solver must be one of"),
     (_step(solver_type="bh2"), ValueError, "solver_type must be one of"),
     (_step(time="lambda"), ValueError, "time must be one of"),
-    (_step(prediction="sample"), ValueError, "prediction must be one of"),
+    (_step(prediction="mu"), ValueError, "prediction must be one of"),
     (_step(clip_denoised="dynamic"), ValueError, "clip_denoised must be one of"),
     (_step(noise=torch.zeros(1, 3, 8, 8)), ValueError, "noise must have shape"),
     (_step(generator=1), TypeError, "generator must be"),
