@@ -294,11 +294,11 @@ def test_compiles_for_gpus_with_vector_accesses():
     from aot import DTYPES, assert_fast_ptx
     from fastddpm.kernels._common import launch_config
 
-    _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
-        per_tensor = 2 if dtype == "float32" else 1  # 8 elements a thread: 32 or 16 bytes
+        _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        per_tensor = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         for prediction, draw in (("eps", True), ("eps", False), ("v", True), ("x0", False)):
             use_eps, use_x0 = loss_kernel.TARGET_TERMS[prediction]
             specs.append(dict(

@@ -186,10 +186,11 @@ def test_compiles_for_gpus_with_vector_accesses():
     from aot import DTYPES, assert_fast_ptx
     from fastddpm.kernels._common import launch_config
 
-    _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
+        _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        per_tensor = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         for draw, store in ((False, False), (True, False), (True, True)):
             specs.append(dict(
                 module="fastddpm.kernels.q_sample", kernel="q_sample_kernel", num_warps=num_warps,
@@ -197,8 +198,6 @@ def test_compiles_for_gpus_with_vector_accesses():
                            "table_ptr": "*fp32", "seed_ptr": "*i64", "D": "i32", "T": "i32", "C": "i32", "HW": "i32"},
                 constexprs={"DRAW_NOISE": draw, "STORE_NOISE": store, "CHANNELS_LAST": False, "BLOCK": block},
                 divisible=["x0_ptr", "noise_ptr", "out_ptr", "noise_out_ptr", "D"]))
-            # 8 elements a thread: two 16-byte accesses per full tensor in float32, one in bfloat16
-            per_tensor = 2 if dtype == "float32" else 1
             loads.append((1 if draw else 2) * per_tensor)
             stores.append((2 if store else 1) * per_tensor)
     assert_fast_ptx(specs, loads, stores)
