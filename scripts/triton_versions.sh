@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0 3.9.0)
 TESTS=${TESTS:-"tests/test_q_sample.py tests/test_loss.py tests/test_posterior.py tests/test_vlb.py
-                tests/test_noise.py"}
-PTX_TESTS="compiles_for_gpus"  # the tests that call tests/aot.py
+                tests/test_noise.py tests/test_aot.py"}
+PTX_TESTS="compiles_for_gpus or test_aot"  # the tests that call tests/aot.py
 export TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1  # 3.9 warns on every compile without the latter
 mkdir -p .venvs/logs
 
@@ -48,7 +48,7 @@ for version in "${VERSIONS[@]}"; do
     fi
     start=$SECONDS
     # shellcheck disable=SC2086
-    "$python" -m pytest -q -p no:cacheprovider $TESTS -k "not $PTX_TESTS" >"$log.kernels" 2>&1
+    "$python" -m pytest -q -p no:cacheprovider $TESTS -k "not ($PTX_TESTS)" >"$log.kernels" 2>&1
     read -r k_pass k_fail < <(counts "$log.kernels")
     # shellcheck disable=SC2086
     "$python" -m pytest -q -p no:cacheprovider $TESTS -k "$PTX_TESTS" >"$log.ptx" 2>&1
