@@ -81,18 +81,21 @@ def like_layout(x, channels_last):
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def launch_config(x, max_block=2048):
-    """Grid, BLOCK and num_warps for an elementwise pass over x of shape (B, ...): 8 elements
-    (16-byte accesses) a thread. 2048 over 8 warps by default: no spills with in-kernel noise
-    (bf16 spills at 4096); kernels with more live values cap BLOCK lower."""
+def launch_config(x, num_warps=None):
+    """Grid, BLOCK and num_warps for an elementwise pass over x of shape (B, ...): one 16-byte access
+    per tensor a thread (4 float32 or 8 bfloat16/float16 elements), over 8 warps unless told. The
+    largest programs ptxas builds without spills for every kernel on Triton 3.2-3.9
+    (scripts/triton_versions.sh): 8 float32 elements a thread spill 8-40 bytes beside the in-kernel
+    noise on some of those versions; the loss kernels take 1 warp for 2-byte types."""
     batch, per_sample = x.shape[0], sample_numel(x)
     if batch > MAX_BATCH:
         raise ValueError(f"batch size {batch} exceeds {MAX_BATCH}, the kernels' grid limit: split the batch")
     if per_sample >= 2 ** 31:
         raise ValueError(f"{per_sample} elements per sample: the kernels index a sample with int32 (< 2**31)")
-    block = min(max_block, max(128, 1 << (per_sample - 1).bit_length()))  # plain ints: least host time
-    num_warps = 8 if block >= 2048 else 4
-    return ((per_sample + block - 1) // block, batch), block, num_warps
+    per_thread = 16 // x.dtype.itemsize
+    # plain ints, not triton.cdiv / next_power_of_2 (Python functions under Triton 3.9): host time
+    block = min(32 * (num_warps or 8) * per_thread, max(32 * per_thread, 1 << (per_sample - 1).bit_length()))
+    return ((per_sample + block - 1) // block, batch), block, block // (32 * per_thread)
 
 
 def sample_numel(x):

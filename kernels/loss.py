@@ -89,7 +89,7 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
     does not read them; seed used only when the noise is regenerated). Returns (loss, grad or None)."""
     use_eps, use_x0 = TARGET_TERMS[prediction]
     draw = use_eps and noise is None
-    grid, block, num_warps = launch_config(pred, max_block=1024)  # 8 warps spill with the finishing branch
+    grid, block, num_warps = loss_launch_config(pred)
     grad = torch.empty_like(pred) if store_grad else None
     partials = torch.empty(grid[0] * grid[1], device=pred.device, dtype=torch.float32)
     loss = torch.empty(grid[1] if reduction == "none" else (), device=pred.device, dtype=torch.float32)
@@ -107,6 +107,12 @@ def diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction,
         counter.zero_()  # an interrupted launch leaves the slot part-counted (see reduction_counter)
         raise
     return loss, grad
+
+
+def loss_launch_config(pred):
+    """launch_config, with 1 warp for 2-byte types: more spill bytes beside the in-kernel noise and the
+    block reduction on some Triton versions (3.3, 3.5, 3.6) otherwise."""
+    return launch_config(pred, num_warps=1 if pred.element_size() == 2 else None)
 
 
 def scale_grad_(grad, grad_output):

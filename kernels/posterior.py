@@ -160,8 +160,9 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
 
 
 def step_launch_config(x):
-    """At most 1024 elements over 4 warps: ptxas spills a few bytes of these kernels at 2048 over 8."""
-    return launch_config(x, max_block=1024)
+    """Over 4 warps (512 float32 or 1024 bfloat16 elements): ptxas spills a few bytes of these
+    kernels over 8 warps on some Triton versions (3.9: p_sample, channels_last float32)."""
+    return launch_config(x, num_warps=4)
 
 
 def _empty(like, wanted, dtype=None):

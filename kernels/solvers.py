@@ -276,8 +276,8 @@ def unipc_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, t_ptr, t_prev_ptr, t1_ptr, t2_p
 
 
 def step_launch_config(x):
-    """At most 1024 elements over 4 warps, as the posterior steps (no spills with three history reads)."""
-    return launch_config(x, max_block=1024)
+    """4 warps, as the posterior steps (no spills with three history reads)."""
+    return launch_config(x, num_warps=4)
 
 
 def _launch(kernel, model_output, x_t, table, prediction, channels_last, *pointers, **flags):

@@ -304,11 +304,12 @@ def test_compiles_for_gpus_with_vector_accesses():
     from aot import DTYPES, assert_fast_ptx
     from fastddpm.kernels._common import launch_config
 
-    _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, device="meta"), max_block=1024)
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
-        per_tensor = 2 if dtype == "float32" else 1  # 8 elements a thread: 32 or 16 bytes
+        like = torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta")
+        _, block, num_warps = loss_kernel.loss_launch_config(like)
+        per_tensor = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         for prediction, draw in (("eps", True), ("eps", False), ("v", True), ("x0", False)):
             use_eps, use_x0 = loss_kernel.TARGET_TERMS[prediction]
             specs.append(dict(
@@ -322,12 +323,13 @@ def test_compiles_for_gpus_with_vector_accesses():
                 divisible=["pred_ptr", "x0_ptr", "noise_ptr", "grad_ptr", "D"]))
             loads.append((1 + use_x0 + (use_eps and not draw)) * per_tensor)  # pred, x0, given noise
             stores.append(per_tensor)  # grad
+        _, block, num_warps = launch_config(like)
         specs.append(dict(
-            module="fastddpm.kernels.loss", kernel="scale_grad_kernel", num_warps=8,
+            module="fastddpm.kernels.loss", kernel="scale_grad_kernel", num_warps=num_warps,
             signature={"grad_ptr": data, "grad_output_ptr": "*fp32", "D": "i32"},
-            constexprs={"PER_SAMPLE": True, "BLOCK": 2048}, divisible=["grad_ptr", "D"]))
-        loads.append(per_tensor)
-        stores.append(per_tensor)
+            constexprs={"PER_SAMPLE": True, "BLOCK": block}, divisible=["grad_ptr", "D"]))
+        loads.append(block // (32 * num_warps) * like.dtype.itemsize // 16)
+        stores.append(block // (32 * num_warps) * like.dtype.itemsize // 16)
     assert_fast_ptx(specs, loads, stores)
 
 

@@ -403,11 +403,12 @@ def test_compiles_for_gpus_with_vector_accesses():
 
     from fastddpm.kernels.posterior import step_launch_config
 
-    _, block, num_warps = step_launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     data_pointers = ["out_ptr", "x_ptr", "noise_ptr", "x_prev_ptr", "x0_ptr"]
-    specs, loads, stores = [], [], []
+    specs, loads, stores, scale = [], [], [], {}
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
+        _, block, num_warps = step_launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        scale[dtype] = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         common = {"out_ptr": data, "x_ptr": data, "noise_ptr": data, "seed_ptr": "*i64", "t_ptr": "*i64"}
         p_sample = dict(module="fastddpm.kernels.posterior", kernel="p_sample_kernel", num_warps=num_warps,
                         signature={**common, "table_ptr": "*fp32", "scale_ptr": "*fp32", "x_prev_ptr": data,
@@ -435,8 +436,6 @@ def test_compiles_for_gpus_with_vector_accesses():
             divisible=data_pointers + ["D"]))
         loads.append(2)
         stores.append(2)
-    # 8 elements a thread: two 16-byte accesses per full tensor in float32, one in bfloat16
-    scale = {"float32": 2, "bfloat16": 1}
     per_tensor = [scale["float32"]] * 3 + [scale["bfloat16"]] * 3
     loads, stores = [n * k for n, k in zip(loads, per_tensor)], [n * k for n, k in zip(stores, per_tensor)]
     # channels_last learned range: the output's two halves interleave per pixel, so only x_t's
@@ -445,8 +444,8 @@ def test_compiles_for_gpus_with_vector_accesses():
     specs.append({**channels_last, "signature": {**channels_last["signature"], **{
         name: "*fp32" for name in data_pointers + ["log_var_ptr", "var_ptr"]}},
         "constexprs": {**channels_last["constexprs"], "CHANNELS_LAST": True}})
-    loads.append(2)
-    stores.append(4)
+    loads.append(scale["float32"])
+    stores.append(2 * scale["float32"])
     assert_fast_ptx(specs, loads, stores)
 
 

@@ -202,10 +202,11 @@ def test_compiles_for_gpus_with_vector_accesses():
     from aot import DTYPES, assert_fast_ptx
     from fastddpm.kernels._common import launch_config
 
-    _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
+        _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        per_tensor = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         for draw, store, draw_t in ((False, False, False), (True, False, False), (True, True, False),
                                     (True, False, True)):
             specs.append(dict(
@@ -216,8 +217,6 @@ def test_compiles_for_gpus_with_vector_accesses():
                 constexprs={"DRAW_NOISE": draw, "STORE_NOISE": store, "DRAW_T": draw_t, "CHANNELS_LAST": False,
                             "BLOCK": block},
                 divisible=["x0_ptr", "noise_ptr", "out_ptr", "noise_out_ptr", "D"]))
-            # 8 elements a thread: two 16-byte accesses per full tensor in float32, one in bfloat16
-            per_tensor = 2 if dtype == "float32" else 1
             loads.append((1 if draw else 2) * per_tensor)
             stores.append((2 if store else 1) * per_tensor)
     assert_fast_ptx(specs, loads, stores)

@@ -162,12 +162,13 @@ def test_compiles_for_gpus_with_vector_accesses():
     reads and 2 writes a step, noise drawn in the kernel."""
     from aot import DTYPES, assert_fast_ptx
 
-    _, block, num_warps = K.step_launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     sizes = {"D": "i32", "T": "i32", "C": "i32", "HW": "i32", "prediction": "i32"}
-    common = dict(CLIP=True, TIME=1, WIDE_OUTPUT=False, CHANNELS_LAST=False, BLOCK=block)
     specs, tensors = [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + DTYPES[dtype]
+        like = torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta")
+        _, block, num_warps = K.step_launch_config(like)
+        common = dict(CLIP=True, TIME=1, WIDE_OUTPUT=False, CHANNELS_LAST=False, BLOCK=block)
         times = {name: "*i64" for name in ("t_ptr", "t_prev_ptr", "t1_ptr", "t2_ptr")}
         out = {"x_prev_ptr": data, "x0_ptr": data, **sizes}
         specs.append(dict(module="fastddpm.kernels.solvers", kernel="dpm_solver_kernel", num_warps=num_warps,
@@ -186,8 +187,8 @@ def test_compiles_for_gpus_with_vector_accesses():
                                      "table_ptr": "*fp32", **out},
                           constexprs=dict(ORDER=2, CORRECTOR=2, **common),
                           divisible=["out_ptr", "x_ptr", "h1_ptr", "h2_ptr", "x_prev_ptr", "x0_ptr", "D"]))
-        # full tensors read (output, x_t, history) and written; 8 elements a thread: 2 accesses in float32
-        per_tensor = 2 if dtype == "float32" else 1
+        # full tensors read (output, x_t, history) and written: one 16-byte access each a thread
+        per_tensor = block // (32 * num_warps) * like.dtype.itemsize // 16
         tensors += [(reads * per_tensor, 2 * per_tensor) for reads in (4, 3, 4)]
     assert_fast_ptx(specs, [n for n, _ in tensors], [n for _, n in tensors])
 

@@ -366,11 +366,11 @@ def test_compiles_for_gpus_with_vector_accesses():
 
     from fastddpm.kernels._common import launch_config
 
-    _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, device="meta"))
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + AOT_DTYPES[dtype]
-        per_thread = block // (32 * num_warps) * (4 if dtype == "float32" else 2) // 16  # 16-byte accesses
+        _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        per_thread = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses
         specs.append(dict(
             module="fastddpm.kernels.vlb", kernel="vb_terms_kernel", num_warps=num_warps,
             signature={"out_ptr": data, "x0_ptr": data, "x_t_ptr": data, "noise_ptr": data, "t_ptr": "*i64",
