@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.schedule import KERNEL_ROWS
+from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
 
 MAX_BATCH = 65535  # grid axis 1 limit
 
@@ -28,6 +28,13 @@ LOG_VAR_CLIPPED = tl.constexpr(KERNEL_ROWS.index("posterior_log_variance_clipped
 LOG_BETAS = tl.constexpr(KERNEL_ROWS.index("log_betas"))
 AB = tl.constexpr(KERNEL_ROWS.index("alphas_cumprod"))
 FIXED_LARGE_LOG_VAR = tl.constexpr(KERNEL_ROWS.index("fixed_large_log_variance"))
+# the row of each variance type's fixed log variance (learned_range: the lower end of its range)
+FIXED_LOG_VARIANCE_ROWS = {"fixed_small": LOG_VAR_CLIPPED.value, "fixed_large": FIXED_LARGE_LOG_VAR.value,
+                           "learned_range": LOG_VAR_CLIPPED.value}
+
+# Rows of the schedule's prediction table (`NoiseSchedule.prediction_table`, PREDICTION_ROWS).
+X0_XT, X0_OUT, EPS_XT, EPS_OUT, TARGET_EPS, TARGET_X0 = (tl.constexpr(PREDICTION_ROWS.index(name)) for name in (
+    "x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target_x0"))
 
 
 def interpreting():

@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      load_model_output, load_timestep, model_output_offsets, sample_numel, sample_offsets,
-                      standard_normal)
+from ._common import (CHECKED, FIXED_LOG_VARIANCE_ROWS, SQRT_1M_AB, SQRT_AB, TARGET_EPS, TARGET_X0, channel_sizes,
+                      kernel_layout, launch_config, like_layout, load_model_output, load_timestep, model_output_offsets,
+                      sample_numel, sample_offsets, standard_normal)
 from ._launch import launch
-from .vlb import FIXED_LOG_VARIANCE_ROWS, INV_LN2, LN2, TARGET_EPS, TARGET_X0, vb_element
+from .vlb import INV_LN2, LN2, vb_element
 
 
 

@@ -1,28 +1,12 @@
-"""Fused reverse process (math.md section 4): the posterior mean, p_mean_variance, the DDPM
-ancestral step and the DDIM step, each one pass over the batch.
+"""Fused reverse process (docs/math.md section 4): the posterior mean, p_mean_variance, the DDPM
+ancestral step and the DDIM step, each one pass over the batch, coefficients gathered at t from the
+schedule's kernel and prediction tables.
 
-With `out` the model output and per-sample coefficients gathered at t from the kernel table:
-
-    x0_hat = a x_t + b out,   eps_hat = e x_t + f out        (eps, x0 or v: `prediction_coefficients`)
-    clipping: x0_hat <- clamp(x0_hat, -1, 1) (or Imagen's dynamic threshold), then
-              eps_hat = (sqrt_recip_ab x_t - x0_hat) / sqrt_recipm1_ab
-    mean   = coef1 x0_hat + coef2 x_t
-    DDPM:    x_{t-1} = mean + [t > 0] exp(log_var / 2) z, log_var fixed_small, fixed_large or
-             learned_range (frac log_betas + (1 - frac) log_var_clipped, frac = (v + 1) / 2)
-    DDIM:    x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma²) eps_hat + sigma z,
-             sigma = eta sqrt((1 - ab_prev) / (1 - ab)) sqrt(1 - ab / ab_prev), ab_prev = 1 at t_prev = -1
-
-Bytes per element: read x_t and the model output, write x_{t-1}: 3N with z drawn in the kernel
-(the floor of math.md section 7; improved-diffusion's p_sample moves about 15N), 4N for
-learned_range (the variance half is read too); +N to read a given noise, +N to write x0_hat
-for previews. p_mean_variance writes mean and x0_hat (and, for learned_range, the full-shape
-log variance and variance); q_posterior reads x0 and x_t and writes the mean (3N).
-
-Dynamic thresholding (clip_denoised="dynamic") needs a per-sample quantile of |x0_hat| over
-the whole sample: a first pass of the same kernel writes x0_hat in float32, torch.quantile
-takes its 0.995 quantile (exactly as the reference), and the step kernel reads that scale.
-
-Matches reference.q_posterior, p_mean_variance, p_sample_step and ddim_step.
+Bytes per element: read x_t and the model output, write x_{t-1}: 3N with z drawn in the kernel (the
+floor), 4N for learned_range (the variance half is read too); +N to read a given noise, +N to write
+x0_hat. Dynamic thresholding (clip_denoised="dynamic") needs a per-sample quantile of |x0_hat|: a
+first pass writes x0_hat in float32, torch.quantile takes its 0.995 quantile (as the reference), and
+the step reads that scale. Matches reference.q_posterior, p_mean_variance, p_sample_step, ddim_step.
 """
 import torch
 import triton
@@ -30,83 +14,60 @@ import triton.language as tl
 
 from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 
-from ._common import (AB, CHECKED, COEF1, COEF2, FIXED_LARGE_LOG_VAR, LOG_BETAS, LOG_VAR_CLIPPED, POSTERIOR_VARIANCE,
-                      SQRT_1M_AB, SQRT_AB, SQRT_RECIPM1_AB, SQRT_RECIP_AB, channel_sizes, eager, kernel_layout,
+from ._common import (AB, CHECKED, COEF1, COEF2, EPS_OUT, EPS_XT, FIXED_LOG_VARIANCE_ROWS, LOG_BETAS, LOG_VAR_CLIPPED,
+                      POSTERIOR_VARIANCE, SQRT_1M_AB, SQRT_AB, X0_OUT, X0_XT, channel_sizes, eager, kernel_layout,
                       launch_config, like_layout, load_timestep, model_output_offsets, sample_numel, sample_offsets,
                       step_noise)
 from ._launch import launch
 
 
-PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
 CLIP_IDS = {"none": 0, "clip": 1, "dynamic": 2}
-FIXED_LOG_VARIANCE_ROWS = {"fixed_small": LOG_VAR_CLIPPED.value, "fixed_large": FIXED_LARGE_LOG_VAR.value}
 
 
 # -- device functions ---------------------------------------------------------------------
 
 
 @triton.jit
-def prediction_coefficients(table_ptr, t, T, prediction):
-    """(a, b, e, f, e0, f0) at t: x0_hat = a x_t + b out and eps_hat = e x_t + f out for a model
-    output of `prediction` (0 eps, 1 x0, 2 v); eps_hat = e0 x_t + f0 x0_hat from a clipped x0_hat.
-
-    Runtime selects between gathered scalars: one compiled kernel serves all three predictions.
-    """
-    sqrt_ab = tl.load(table_ptr + SQRT_AB * T + t)
-    sqrt_1m_ab = tl.load(table_ptr + SQRT_1M_AB * T + t)
-    sqrt_recip_ab = tl.load(table_ptr + SQRT_RECIP_AB * T + t)
-    sqrt_recipm1_ab = tl.load(table_ptr + SQRT_RECIPM1_AB * T + t)
-    # (sqrt_recip_ab x_t - x0) / sqrt_recipm1_ab, written so it stays finite where ab = 0 (zero terminal SNR)
-    e0 = 1.0 / sqrt_1m_ab
-    f0 = -sqrt_ab / sqrt_1m_ab
-    is_eps = prediction == 0
-    is_x0 = prediction == 1
-    a = tl.where(is_eps, sqrt_recip_ab, tl.where(is_x0, 0.0, sqrt_ab))
-    b = tl.where(is_eps, -sqrt_recipm1_ab, tl.where(is_x0, 1.0, -sqrt_1m_ab))
-    e = tl.where(is_eps, 0.0, tl.where(is_x0, e0, sqrt_1m_ab))
-    f = tl.where(is_eps, 1.0, tl.where(is_x0, f0, sqrt_ab))
-    return a, b, e, f, e0, f0
-
-
-@triton.jit
-def denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP: tl.constexpr,
+def denoise(x, out, table_ptr, pred_table_ptr, scale_ptr, sample, t, T, CLIP: tl.constexpr,
             EPS_FROM_OUTPUT: tl.constexpr):
-    """x0_hat (clipped: CLIP 1 to [-1, 1], CLIP 2 by the per-sample scale s, to [-s, s] / s) and eps_hat,
-    from the clipped x0_hat, or with EPS_FROM_OUTPUT from the model output as it is."""
-    a, b, e, f, e0, f0 = prediction_coefficients(table_ptr, t, T, prediction)
-    x0 = a * x + b * out
+    """x0_hat = x0_xt x_t + x0_out out and eps_hat = eps_xt x_t + eps_out out, the coefficients of the
+    schedule's prediction table at t; x0_hat clipped (CLIP 1 to [-1, 1], CLIP 2 by the per-sample
+    scale s, to [-s, s] / s), then eps_hat follows it as (x_t - sqrt_ab x0_hat) / sqrt_1m_ab (finite
+    where ab = 0), or with EPS_FROM_OUTPUT stays the model output's."""
+    x0 = tl.load(pred_table_ptr + X0_XT * T + t) * x + tl.load(pred_table_ptr + X0_OUT * T + t) * out
     if CLIP == 0 or EPS_FROM_OUTPUT:
-        eps = e * x + f * out
+        eps = tl.load(pred_table_ptr + EPS_XT * T + t) * x + tl.load(pred_table_ptr + EPS_OUT * T + t) * out
     if CLIP == 1:
         x0 = tl.clamp(x0, -1.0, 1.0)
     elif CLIP == 2:
         scale = tl.load(scale_ptr + sample)
         x0 = tl.clamp(x0, -scale, scale) / scale
     if CLIP != 0 and not EPS_FROM_OUTPUT:
-        eps = e0 * x + f0 * x0  # follows the clipped x0_hat
+        eps = (x - tl.load(table_ptr + SQRT_AB * T + t) * x0) / tl.load(table_ptr + SQRT_1M_AB * T + t)
     return x0, eps
 
 
 # -- kernels --------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["prediction", "variance_row"])
-def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale_ptr,
+@triton.jit(do_not_specialize=["variance_row"])
+def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, pred_table_ptr, scale_ptr,
                     x_prev_ptr, x0_ptr, log_var_ptr, var_ptr,
-                    D, T, C, HW, prediction, variance_row,
+                    D, T, C, HW, variance_row,
                     CLIP: tl.constexpr, LEARNED_RANGE: tl.constexpr, ADD_NOISE: tl.constexpr,
                     DRAW_NOISE: tl.constexpr, STORE_X0: tl.constexpr, STORE_VARIANCE: tl.constexpr,
                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """The model mean (ADD_NOISE False: p_mean_variance, q_posterior) or x_{t-1} (ADD_NOISE True).
-
-    Fixed variances gather their log variance from table row `variance_row`.
-    """
+    """mean = coef1 x0_hat + coef2 x_t (ADD_NOISE False: p_mean_variance, q_posterior) or the DDPM step
+    x_{t-1} = mean + [t > 0] exp(log_var / 2) z (ADD_NOISE True); log_var from table row `variance_row`
+    or learned_range's frac log_betas + (1 - frac) log_var_clipped, frac = (v + 1) / 2."""
     sample, offs, mask, base = sample_offsets(D, BLOCK)
     t = load_timestep(t_ptr, sample, T)
+    if ADD_NOISE:  # drawn first: Box-Muller's registers are free again before the step's loads (no spill)
+        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED_RANGE, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    x0, _ = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP, False)
+    x0, _ = denoise(x, out, table_ptr, pred_table_ptr, scale_ptr, sample, t, T, CLIP, False)
     mean = tl.load(table_ptr + COEF1 * T + t) * x0 + tl.load(table_ptr + COEF2 * T + t) * x
     if LEARNED_RANGE:
         frac = (tl.load(out_ptr + out_offs + variance_shift, mask=mask).to(tl.float32) + 1.0) / 2.0
@@ -118,16 +79,15 @@ def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, scale
         tl.store(log_var_ptr + base + offs, log_var.to(log_var_ptr.dtype.element_ty), mask=mask)
         tl.store(var_ptr + base + offs, tl.exp(log_var).to(var_ptr.dtype.element_ty), mask=mask)
     if ADD_NOISE:
-        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
         mean += tl.where(t != 0, tl.exp(0.5 * log_var), 0.0) * z
     tl.store(x_prev_ptr + base + offs, mean.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if STORE_X0:
         tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["prediction"])
-def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_ptr, scale_ptr, x_prev_ptr, x0_ptr,
-                D, T, C, HW, prediction, eta,
+@triton.jit
+def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_ptr, pred_table_ptr, scale_ptr,
+                x_prev_ptr, x0_ptr, D, T, C, HW, eta,
                 CLIP: tl.constexpr, EPS_FROM_OUTPUT: tl.constexpr, WIDE_OUTPUT: tl.constexpr,
                 ADD_NOISE: tl.constexpr, DRAW_NOISE: tl.constexpr, STORE_X0: tl.constexpr,
                 CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
@@ -143,7 +103,7 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
     out_offs, _ = model_output_offsets(sample, offs, D, C, WIDE_OUTPUT, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
-    x0, eps = denoise(x, out, table_ptr, scale_ptr, sample, t, T, prediction, CLIP, EPS_FROM_OUTPUT)
+    x0, eps = denoise(x, out, table_ptr, pred_table_ptr, scale_ptr, sample, t, T, CLIP, EPS_FROM_OUTPUT)
     ab = tl.load(table_ptr + AB * T + t)
     ab_prev = tl.where(t_prev >= 0, tl.load(table_ptr + AB * T + tl.maximum(t_prev, 0)), 1.0)
     sigma = eta * tl.sqrt_rn((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt_rn(1.0 - ab / ab_prev)
@@ -169,7 +129,7 @@ def _empty(like, wanted, dtype=None):
     return torch.empty_like(like, dtype=dtype) if wanted else like.new_empty(0)
 
 
-def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction, variance, clip, channels_last,
+def p_sample_forward(model_output, x_t, t, table, pred_table, noise, seed, scale, variance, clip, channels_last,
                      add_noise, store_x0, store_variance=False, x0_dtype=None):
     """Launch p_sample_kernel. Returns (x_{t-1} or the mean, x0_hat or empty, and the full-shape learned
     log variance and variance, or empties)."""
@@ -183,17 +143,16 @@ def p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction
     C, HW = channel_sizes(x_t, channels_last)
     launch(
         p_sample_kernel, grid,
-        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, table,
+        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, table, pred_table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
         log_var if store_variance else out, var if store_variance else out,
-        sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction],
-        FIXED_LOG_VARIANCE_ROWS.get(variance, LOG_VAR_CLIPPED.value),
+        sample_numel(x_t), table.shape[1], C, HW, FIXED_LOG_VARIANCE_ROWS[variance],
         CLIP=CLIP_IDS[clip], LEARNED_RANGE=learned, ADD_NOISE=add_noise, DRAW_NOISE=draw, STORE_X0=store_x0,
         STORE_VARIANCE=store_variance, CHANNELS_LAST=channels_last, BLOCK=block, num_warps=num_warps, **CHECKED)
     return out, x0_hat, log_var, var
 
 
-def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip, channels_last,
+def ddim_forward(model_output, x_t, t, t_prev, table, pred_table, noise, seed, scale, eta, clip, channels_last,
                  store_x0, eps_from_output=False):
     """Launch ddim_kernel. Returns (x_prev, x0_hat or empty); noise is added only for eta > 0."""
     out = torch.empty_like(x_t)
@@ -203,9 +162,9 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
     C, HW = channel_sizes(x_t, channels_last)
     launch(
         ddim_kernel, grid,
-        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table,
+        model_output, x_t, x_t if noise is None else noise, t if seed is None else seed, t, t_prev, table, pred_table,
         x_t if scale is None else scale, out, x0_hat if store_x0 else out,
-        sample_numel(x_t), table.shape[1], C, HW, PREDICTION_IDS[prediction], float(eta),
+        sample_numel(x_t), table.shape[1], C, HW, float(eta),
         CLIP=CLIP_IDS[clip], EPS_FROM_OUTPUT=eps_from_output, WIDE_OUTPUT=model_output.shape[1] == 2 * x_t.shape[1],
         ADD_NOISE=add_noise,
         DRAW_NOISE=add_noise and noise is None, STORE_X0=store_x0, CHANNELS_LAST=channels_last,
@@ -213,21 +172,21 @@ def ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, predic
     return out, x0_hat
 
 
-def dynamic_scale(model_output, x_t, t, table, prediction, channels_last):
+def dynamic_scale(model_output, x_t, t, table, pred_table, channels_last):
     """Imagen's per-sample threshold s = max(quantile_0.995(|x0_hat|), 1), shape (B,), float32.
 
     A first pass of p_sample_kernel writes the unclipped x0_hat in float32; the quantile is
     torch.quantile, as in the reference (a sort: this costs more than the step itself).
     """
     variance = "learned_range" if model_output.shape[1] == 2 * x_t.shape[1] else "fixed_small"
-    _, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, None, None, None, prediction, variance, "none",
+    _, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, pred_table, None, None, None, variance, "none",
                                        channels_last, add_noise=False, store_x0=True, x0_dtype=torch.float32)
     s = torch.quantile(x0_hat.abs().flatten(1), DYNAMIC_THRESHOLD_PERCENTILE, dim=1)
     return s.clamp(min=1.0).contiguous()
 
 
-def _scale(clip, model_output, x_t, t, table, prediction, channels_last):
-    return dynamic_scale(model_output, x_t, t, table, prediction, channels_last) if clip == "dynamic" else None
+def _scale(clip, model_output, x_t, t, table, pred_table, channels_last):
+    return dynamic_scale(model_output, x_t, t, table, pred_table, channels_last) if clip == "dynamic" else None
 
 
 # -- custom ops ----------------------------------------------------------------------------
@@ -235,19 +194,19 @@ def _scale(clip, model_output, x_t, t, table, prediction, channels_last):
 
 @torch.library.custom_op("fastddpm::q_posterior_mean", mutates_args=())
 def q_posterior_mean_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                        channels_last: bool) -> torch.Tensor:
-    # coef1 x0 + coef2 x_t is the model mean of an x0 prediction, unclipped
-    return p_sample_forward(x0, x_t, t, table, None, None, None, "x0", "fixed_small", "none", channels_last,
+                        x0_table: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    # coef1 x0 + coef2 x_t is the model mean of an x0 prediction (x0_table: its prediction table), unclipped
+    return p_sample_forward(x0, x_t, t, table, x0_table, None, None, None, "fixed_small", "none", channels_last,
                             add_noise=False, store_x0=False)[0]
 
 
 @q_posterior_mean_op.register_fake
-def _(x0, x_t, t, table, channels_last):
+def _(x0, x_t, t, table, x0_table, channels_last):
     return torch.empty_like(x_t)
 
 
 def _q_posterior_setup(ctx, inputs, output):
-    _, x_t, t, table, _ = inputs
+    _, x_t, t, table, _, _ = inputs
     ctx.save_for_backward(t, table)
 
 
@@ -255,7 +214,7 @@ def _q_posterior_backward(ctx, grad_mean):
     t, table = ctx.saved_tensors
     grad_x0 = grad_mean * _gather(table, COEF1, t, grad_mean).to(grad_mean.dtype)
     grad_x_t = grad_mean * _gather(table, COEF2, t, grad_mean).to(grad_mean.dtype)
-    return grad_x0, grad_x_t, None, None, None
+    return grad_x0, grad_x_t, None, None, None, None
 
 
 q_posterior_mean_op.register_autograd(_q_posterior_backward, setup_context=_q_posterior_setup)
@@ -263,30 +222,30 @@ q_posterior_mean_op.register_autograd(_q_posterior_backward, setup_context=_q_po
 
 @torch.library.custom_op("fastddpm::p_mean_variance", mutates_args=())
 def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                       prediction: str, variance: str, clip: str,
+                       pred_table: torch.Tensor, variance: str, clip: str,
                        channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-    return p_sample_forward(model_output, x_t, t, table, None, None, scale, prediction, variance, clip, channels_last,
+    scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+    return p_sample_forward(model_output, x_t, t, table, pred_table, None, None, scale, variance, clip, channels_last,
                             add_noise=False, store_x0=True, store_variance=True)
 
 
 @p_mean_variance_op.register_fake
-def _(model_output, x_t, t, table, prediction, variance, clip, channels_last):
+def _(model_output, x_t, t, table, pred_table, variance, clip, channels_last):
     learned = variance == "learned_range"
     return torch.empty_like(x_t), torch.empty_like(x_t), _empty(x_t, learned), _empty(x_t, learned)
 
 
 def _p_mean_variance_setup(ctx, inputs, output):
-    model_output, x_t, t, table, prediction, variance, clip, _ = inputs
-    ctx.options = prediction, variance, clip
-    ctx.save_for_backward(model_output, x_t, t, table, output[3])
+    model_output, x_t, t, table, pred_table, variance, clip, _ = inputs
+    ctx.options = variance, clip
+    ctx.save_for_backward(model_output, x_t, t, table, pred_table, output[3])
 
 
 def _p_mean_variance_backward(ctx, grad_mean, grad_x0, grad_log_var, grad_var):
     """mean = coef1 x0_hat + coef2 x_t and x0_hat = clip(a x_t + b out) are linear in (out, x_t)
     up to the clip mask; the learned log variance is linear in the variance half v."""
-    model_output, x_t, t, table, var = ctx.saved_tensors
-    prediction, variance, clip = ctx.options
+    model_output, x_t, t, table, pred_table, var = ctx.saved_tensors
+    variance, clip = ctx.options
     if clip == "dynamic":
         raise RuntimeError("p_mean_variance: no gradient through clip_denoised='dynamic' (a per-sample "
                            "quantile); use clip_denoised=True or False")
@@ -294,7 +253,7 @@ def _p_mean_variance_backward(ctx, grad_mean, grad_x0, grad_log_var, grad_var):
     def gather(row):
         return _gather(table, row, t, x_t)
 
-    a, b = _x0_coefficients(gather, prediction)
+    a, b = _gather(pred_table, X0_XT, t, x_t), _gather(pred_table, X0_OUT, t, x_t)
     channels = x_t.shape[1]
     x = x_t.float()
     grad_mean = grad_mean.float()
@@ -311,50 +270,42 @@ def _p_mean_variance_backward(ctx, grad_mean, grad_x0, grad_log_var, grad_var):
     return (grad_out.to(model_output.dtype), grad_x_t.to(x_t.dtype)) + (None,) * 6
 
 
-def _x0_coefficients(gather, prediction):
-    """(a, b) with x0_hat = a x_t + b out, as prediction_coefficients (for the backward)."""
-    if prediction == "eps":
-        return gather(SQRT_RECIP_AB), -gather(SQRT_RECIPM1_AB)
-    if prediction == "x0":
-        return 0.0, 1.0
-    return gather(SQRT_AB), -gather(SQRT_1M_AB)
-
-
 p_mean_variance_op.register_autograd(_p_mean_variance_backward, setup_context=_p_mean_variance_setup)
 
 
 @torch.library.custom_op("fastddpm::p_sample_step", mutates_args=())
 def p_sample_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor | None, seed: torch.Tensor | None, prediction: str, variance: str, clip: str,
-                     channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-    x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction, variance,
+                     pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, variance: str,
+                     clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+    x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, pred_table, noise, seed, scale, variance,
                                             clip, channels_last, add_noise=True, store_x0=store_x0)
     return x_prev, x0_hat
 
 
 @p_sample_step_op.register_fake
-def _(model_output, x_t, t, table, noise, seed, prediction, variance, clip, channels_last, store_x0):
+def _(model_output, x_t, t, table, pred_table, noise, seed, variance, clip, channels_last, store_x0):
     return torch.empty_like(x_t), _empty(x_t, store_x0)
 
 
 @torch.library.custom_op("fastddpm::ddim_step", mutates_args=())
 def ddim_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                 table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, prediction: str, eta: float,
-                 clip: str, channels_last: bool, store_x0: bool,
+                 table: torch.Tensor, pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
+                 eta: float, clip: str, channels_last: bool, store_x0: bool,
                  eps_from_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-    return ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
+    scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+    return ddim_forward(model_output, x_t, t, t_prev, table, pred_table, noise, seed, scale, eta, clip,
                         channels_last, store_x0, eps_from_output)
 
 
 @ddim_step_op.register_fake
-def _(model_output, x_t, t, t_prev, table, noise, seed, prediction, eta, clip, channels_last, store_x0,
+def _(model_output, x_t, t, t_prev, table, pred_table, noise, seed, eta, clip, channels_last, store_x0,
       eps_from_output):
     return torch.empty_like(x_t), _empty(x_t, store_x0)
 
 
-# -- entry points of fastddpm.functional (validated inputs, kernel tables and seeds given) ------
+# -- entry points of fastddpm.functional (validated inputs; the schedule's kernel table and the
+# prediction's table, seeds given) ------------------------------------------------------------
 #
 # Eager calls that need no autograd launch the kernels directly; under torch.compile, or with
 # gradients, they go through the custom ops (about 11 µs more host time a call).
@@ -371,31 +322,32 @@ def _clip_name(clip_denoised):
     return "clip" if clip_denoised else "none"
 
 
-def q_posterior(x0, x_t, t, table):
-    """(mean, variance, log_variance) of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1) gathers."""
+def q_posterior(x0, x_t, t, table, x0_table):
+    """(mean, variance, log_variance) of q(x_{t-1} | x_t, x0); the variances are (B, 1, …, 1) gathers.
+    x0_table: the schedule's prediction table of an x0 prediction (the mean is that model mean)."""
     x_t, channels_last = kernel_layout(x_t)
     x0 = like_layout(x0, channels_last)
     if eager(x0, x_t):
-        mean = p_sample_forward(x0, x_t, t, table, None, None, None, "x0", "fixed_small", "none", channels_last,
+        mean = p_sample_forward(x0, x_t, t, table, x0_table, None, None, None, "fixed_small", "none", channels_last,
                                 add_noise=False, store_x0=False)[0]
     else:
-        mean = q_posterior_mean_op(x0, x_t, t, table, channels_last)
+        mean = q_posterior_mean_op(x0, x_t, t, table, x0_table, channels_last)
     return (mean, _gather(table, POSTERIOR_VARIANCE, t, x_t).to(x_t.dtype),
             _gather(table, LOG_VAR_CLIPPED, t, x_t).to(x_t.dtype))
 
 
-def p_mean_variance(model_output, x_t, t, table, *, prediction, variance, clip_denoised):
+def p_mean_variance(model_output, x_t, t, table, pred_table, *, variance, clip_denoised):
     """(mean, variance, log_variance, x0_hat); the variances are full-shape for learned_range, else (B, 1, …, 1)."""
     x_t, channels_last = kernel_layout(x_t)
     model_output = like_layout(model_output, channels_last)
     clip = _clip_name(clip_denoised)
     if eager(model_output, x_t):
-        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-        mean, x0_hat, log_var, var = p_sample_forward(model_output, x_t, t, table, None, None, scale, prediction,
+        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+        mean, x0_hat, log_var, var = p_sample_forward(model_output, x_t, t, table, pred_table, None, None, scale,
                                                       variance, clip, channels_last, add_noise=False, store_x0=True,
                                                       store_variance=True)
     else:
-        mean, x0_hat, log_var, var = p_mean_variance_op(model_output, x_t, t, table, prediction, variance, clip,
+        mean, x0_hat, log_var, var = p_mean_variance_op(model_output, x_t, t, table, pred_table, variance, clip,
                                                         channels_last)
     if variance != "learned_range":
         log_var = _gather(table, FIXED_LOG_VARIANCE_ROWS[variance], t, x_t)
@@ -403,24 +355,23 @@ def p_mean_variance(model_output, x_t, t, table, *, prediction, variance, clip_d
     return mean, var, log_var, x0_hat
 
 
-def p_sample_step(model_output, x_t, t, table, noise, seed, *, prediction, variance, clip_denoised,
+def p_sample_step(model_output, x_t, t, table, pred_table, noise, seed, *, variance, clip_denoised,
                   return_x0_hat=False):
     """x_{t-1} (and x0_hat with return_x0_hat); z drawn in the kernel from `seed` when `noise` is None."""
     x_t, channels_last = kernel_layout(x_t)
     model_output, noise = like_layout(model_output, channels_last), like_layout(noise, channels_last)
     clip = _clip_name(clip_denoised)
     if eager(model_output, x_t, noise):
-        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-        x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, noise, seed, scale, prediction,
-                                                variance, clip, channels_last, add_noise=True,
-                                                store_x0=return_x0_hat)
+        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+        x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, pred_table, noise, seed, scale, variance,
+                                                clip, channels_last, add_noise=True, store_x0=return_x0_hat)
     else:
-        x_prev, x0_hat = p_sample_step_op(model_output, x_t, t, table, noise, seed, prediction, variance, clip,
+        x_prev, x0_hat = p_sample_step_op(model_output, x_t, t, table, pred_table, noise, seed, variance, clip,
                                           channels_last, return_x0_hat)
     return (x_prev, x0_hat) if return_x0_hat else x_prev
 
 
-def ddim_step(model_output, x_t, t, t_prev, table, noise, seed, *, eta, prediction, clip_denoised,
+def ddim_step(model_output, x_t, t, t_prev, table, pred_table, noise, seed, *, eta, clip_denoised,
               use_clipped_model_output=True, return_x0_hat=False):
     """x_prev (and x0_hat with return_x0_hat); for eta > 0, z drawn in the kernel from `seed` when `noise` is None.
     use_clipped_model_output=False: eps_hat from the model output even where x0_hat is clipped."""
@@ -429,10 +380,10 @@ def ddim_step(model_output, x_t, t, t_prev, table, noise, seed, *, eta, predicti
     noise = like_layout(noise, channels_last) if eta != 0 else None
     clip = _clip_name(clip_denoised)
     if eager(model_output, x_t, noise):
-        scale = _scale(clip, model_output, x_t, t, table, prediction, channels_last)
-        x_prev, x0_hat = ddim_forward(model_output, x_t, t, t_prev, table, noise, seed, scale, prediction, eta, clip,
+        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
+        x_prev, x0_hat = ddim_forward(model_output, x_t, t, t_prev, table, pred_table, noise, seed, scale, eta, clip,
                                       channels_last, return_x0_hat, not use_clipped_model_output)
     else:
-        x_prev, x0_hat = ddim_step_op(model_output, x_t, t, t_prev, table, noise, seed, prediction, float(eta), clip,
+        x_prev, x0_hat = ddim_step_op(model_output, x_t, t, t_prev, table, pred_table, noise, seed, float(eta), clip,
                                       channels_last, return_x0_hat, not use_clipped_model_output)
     return (x_prev, x0_hat) if return_x0_hat else x_prev

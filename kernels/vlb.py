@@ -29,20 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
 
-from ._common import (CHECKED, COEF1, COEF2, LOG_BETAS, LOG_VAR_CLIPPED, SQRT_1M_AB, SQRT_AB, eager, kernel_layout,
-                      launch_config, like_layout, load_model_output, load_timestep, model_output_offsets, sample_numel,
-                      sample_offsets)
+from ._common import (CHECKED, COEF1, COEF2, EPS_OUT, EPS_XT, FIXED_LOG_VARIANCE_ROWS, LOG_BETAS, LOG_VAR_CLIPPED,
+                      SQRT_1M_AB, SQRT_AB, X0_OUT, X0_XT, eager, kernel_layout, launch_config, like_layout,
+                      load_model_output, load_timestep, model_output_offsets, sample_numel, sample_offsets)
 from ._launch import launch
-
-FIXED_LOG_VARIANCE_ROWS = {"fixed_small": KERNEL_ROWS.index("posterior_log_variance_clipped"),
-                           "fixed_large": KERNEL_ROWS.index("fixed_large_log_variance"),
-                           "learned_range": KERNEL_ROWS.index("posterior_log_variance_clipped")}
-
-# Rows of the schedule's `prediction_table` (fastddpm.schedule.PREDICTION_ROWS).
-X0_XT, X0_OUT, EPS_XT, EPS_OUT, TARGET_EPS, TARGET_X0 = (tl.constexpr(PREDICTION_ROWS.index(name)) for name in (
-    "x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target_x0"))
 
 HALF_BIN = tl.constexpr(1.0 / 255.0)
 LOG_MASS_FLOOR = tl.constexpr(1e-12)

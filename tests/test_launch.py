@@ -123,7 +123,8 @@ def _variations(args, kwargs):
         elif name == "BLOCK":
             yield f"{name}=128", base, {**kwargs, name: 128 if value != 128 else 256}, 0
         elif name == "num_warps":
-            yield f"{name}={12 - value}", base, {**kwargs, name: 12 - value}, 0
+            other = 8 if value != 8 else 4
+            yield f"{name}={other}", base, {**kwargs, name: other}, 0
         else:
             yield f"{name}={value + 1}", base, {**kwargs, name: value + 1}, 0
     yield "no options", base, {k: v for k, v in kwargs.items() if k not in CHECKED}, 0

@@ -360,20 +360,21 @@ def test_no_gradient_through_dynamic_thresholding_or_steps(triton_backend, sched
 def test_opcheck(triton_backend, schedule):
     out, x_t, t, noise = step_inputs((2, 3, 4, 4), torch.float32, "contiguous", "learned_range")
     table, seed = schedule.kernel_table("cpu"), torch.tensor([11])
+    eps, x0, v = (schedule.prediction_table(name, "cpu") for name in ("eps", "x0", "v"))
     ops = torch.ops.fastddpm
-    torch.library.opcheck(ops.q_posterior_mean.default, (x_t, noise, t, table, False))
-    torch.library.opcheck(ops.p_mean_variance.default, (out, x_t, t, table, "v", "learned_range", "clip", False))
+    torch.library.opcheck(ops.q_posterior_mean.default, (x_t, noise, t, table, x0, False))
+    torch.library.opcheck(ops.p_mean_variance.default, (out, x_t, t, table, v, "learned_range", "clip", False))
     torch.library.opcheck(ops.p_mean_variance.default,
-                          (out[:, :3].contiguous(), x_t, t, table, "eps", "fixed_small", "dynamic", False),
+                          (out[:, :3].contiguous(), x_t, t, table, eps, "fixed_small", "dynamic", False),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.p_sample_step.default,
-                          (out, x_t, t, table, noise, seed[:0], "eps", "learned_range", "none", False, True))
+                          (out, x_t, t, table, eps, noise, seed[:0], "learned_range", "none", False, True))
     torch.library.opcheck(ops.p_sample_step.default,
-                          (out, x_t, t, table, None, seed, "x0", "learned_range", "dynamic", False, False))
+                          (out, x_t, t, table, x0, None, seed, "learned_range", "dynamic", False, False))
     torch.library.opcheck(ops.ddim_step.default,
-                          (out, x_t, t, t - 1, table, None, seed, "v", 0.5, "clip", False, True, False))
+                          (out, x_t, t, t - 1, table, v, None, seed, 0.5, "clip", False, True, False))
     torch.library.opcheck(ops.ddim_step.default,
-                          (out, x_t, t, t - 1, table, None, seed, "eps", 0.0, "clip", False, False, True))
+                          (out, x_t, t, t - 1, table, eps, None, seed, 0.0, "clip", False, False, True))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -411,9 +412,9 @@ def test_compiles_for_gpus_with_vector_accesses():
         scale[dtype] = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses a thread
         common = {"out_ptr": data, "x_ptr": data, "noise_ptr": data, "seed_ptr": "*i64", "t_ptr": "*i64"}
         p_sample = dict(module="fastddpm.kernels.posterior", kernel="p_sample_kernel", num_warps=num_warps,
-                        signature={**common, "table_ptr": "*fp32", "scale_ptr": "*fp32", "x_prev_ptr": data,
-                                   "x0_ptr": data, "log_var_ptr": data, "var_ptr": data, "D": "i32", "T": "i32",
-                                   "C": "i32", "HW": "i32", "prediction": "i32", "variance_row": "i32"},
+                        signature={**common, "table_ptr": "*fp32", "pred_table_ptr": "*fp32", "scale_ptr": "*fp32",
+                                   "x_prev_ptr": data, "x0_ptr": data, "log_var_ptr": data, "var_ptr": data,
+                                   "D": "i32", "T": "i32", "C": "i32", "HW": "i32", "variance_row": "i32"},
                         divisible=data_pointers + ["log_var_ptr", "var_ptr", "D"])
         flags = dict(CLIP=1, LEARNED_RANGE=True, ADD_NOISE=True, DRAW_NOISE=True, STORE_X0=True,
                      STORE_VARIANCE=False, CHANNELS_LAST=False, BLOCK=block)
@@ -428,11 +429,11 @@ def test_compiles_for_gpus_with_vector_accesses():
         stores.append(4)
         specs.append(dict(
             module="fastddpm.kernels.posterior", kernel="ddim_kernel", num_warps=num_warps,
-            signature={**common, "t_prev_ptr": "*i64", "table_ptr": "*fp32", "scale_ptr": "*fp32", "x_prev_ptr": data,
-                       "x0_ptr": data, "D": "i32", "T": "i32", "C": "i32", "HW": "i32", "prediction": "i32",
-                       "eta": "fp32"},
-            constexprs=dict(CLIP=2, EPS_FROM_OUTPUT=False, WIDE_OUTPUT=True, ADD_NOISE=True, DRAW_NOISE=True, STORE_X0=True,
-                            CHANNELS_LAST=False, BLOCK=block),
+            signature={**common, "t_prev_ptr": "*i64", "table_ptr": "*fp32", "pred_table_ptr": "*fp32",
+                       "scale_ptr": "*fp32", "x_prev_ptr": data, "x0_ptr": data, "D": "i32", "T": "i32", "C": "i32",
+                       "HW": "i32", "eta": "fp32"},
+            constexprs=dict(CLIP=2, EPS_FROM_OUTPUT=False, WIDE_OUTPUT=True, ADD_NOISE=True, DRAW_NOISE=True,
+                            STORE_X0=True, CHANNELS_LAST=False, BLOCK=block),
             divisible=data_pointers + ["D"]))
         loads.append(2)
         stores.append(2)

@@ -50,7 +50,9 @@ def q_posterior(x0, x_t, t, schedule):
     triton_path = use_triton(x_t)
     t = check_timesteps(t, "t", x_t, schedule, values=not triton_path)
     if triton_path:
-        return posterior_kernel.q_posterior(x0, x_t, t, schedule.kernel_table(x_t.device))
+        device = x_t.device
+        return posterior_kernel.q_posterior(x0, x_t, t, schedule.kernel_table(device),
+                                            schedule.prediction_table("x0", device))
     return reference.q_posterior(x0, x_t, t, schedule)
 
 
@@ -59,10 +61,11 @@ def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", varianc
     the model output has 2C channels. clip_denoised: False, True (clip x0_hat to [-1, 1]) or "dynamic"."""
     prediction = check_prediction(prediction)
     t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
-    options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised)
     if triton_path:
-        return posterior_kernel.p_mean_variance(model_output, x_t, t, schedule.kernel_table(x_t.device), **options)
-    return reference.p_mean_variance(model_output, x_t, t, schedule, **options)
+        return posterior_kernel.p_mean_variance(model_output, x_t, t, *_tables(schedule, prediction, x_t),
+                                                variance=variance, clip_denoised=clip_denoised)
+    return reference.p_mean_variance(model_output, x_t, t, schedule, prediction=prediction, variance=variance,
+                                     clip_denoised=clip_denoised)
 
 
 def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None, prediction="eps",
@@ -82,7 +85,8 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     if triton_path:
         if noise is None and seed is None:
             seed = draw_seed(x_t.device, generator)
-        return posterior_kernel.p_sample_step(model_output, x_t, t, schedule.kernel_table(x_t.device), noise, seed,
+        options.pop("prediction")
+        return posterior_kernel.p_sample_step(model_output, x_t, t, *_tables(schedule, prediction, x_t), noise, seed,
                                               **options)
     if x_t.dtype != torch.float64:
         return torch_ops.p_sample_step(model_output, x_t, t, schedule, noise=noise, generator=generator, **options)
@@ -115,7 +119,8 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
     if triton_path:
         if noise is None and seed is None and eta != 0:
             seed = draw_seed(x_t.device, generator)
-        return posterior_kernel.ddim_step(model_output, x_t, t, t_prev, schedule.kernel_table(x_t.device), noise,
+        options.pop("prediction")
+        return posterior_kernel.ddim_step(model_output, x_t, t, t_prev, *_tables(schedule, prediction, x_t), noise,
                                           seed, **options)
     if x_t.dtype != torch.float64:
         return torch_ops.ddim_step(model_output, x_t, t, t_prev, schedule, noise=noise, generator=generator, **options)
@@ -126,3 +131,8 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
     x0_hat, _ = reference.x0_eps_from_output(model_output[:, :x_t.shape[1]], x_t, t, schedule, prediction,
                                              clip_denoised)
     return x_prev, x0_hat.to(x_t.dtype)
+
+
+def _tables(schedule, prediction, like):
+    """The schedule's float32 kernel table and `prediction`'s table on like's device."""
+    return schedule.kernel_table(like.device), schedule.prediction_table(prediction, like.device)
