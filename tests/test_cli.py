@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastddpm.verify
-from fastddpm import bench
+from fastddpm.benchmarks import harness
+from fastddpm.benchmarks import suite as bench
 from fastddpm.cli import main
 
 TINY_TRAIN = ["--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "1", "--num-samples", "4",
@@ -140,34 +141,35 @@ def test_verify_exit_status_follows_the_result(passed, status, monkeypatch, caps
 
 
 def fake_rows(device="cpu"):
+    """Rows of the loss benchmark (times, eager baseline) and of the train step (throughput, diffusers baseline)."""
     common = dict(mode="full", metric="time", unit="ms", dtype="float32", device=device, torch="x", triton="y",
                   time="now")
-    rows = [dict(common, op="loss_step_simple", shape="8x3x32x32", provider="eager", p50=2.0, p20=1.9, p80=2.1),
+    loss = [dict(common, op="loss_step_simple", shape="8x3x32x32", provider="eager", p50=2.0, p20=1.9, p80=2.1),
             dict(common, op="loss_step_simple", shape="8x3x32x32", provider="fastddpm", p50=0.5, p20=0.4, p80=0.6),
             dict(common, op="loss_step_simple", shape="8x3x32x32", provider="compile", p50=1.0, p20=0.9, p80=1.1),
             dict(common, op="loss_step_simple", shape="8x3x32x32", provider="eager", metric="bytes", unit="B",
                  p50=1e6, p20=1e6, p80=1e6)]
-    wide = [dict(bench="train_step", provider=provider, preset="tiny", image_size=8, batch=8, device=device,
-                 autocast="none", images_per_s=rate, images_per_s_windows=[rate * 0.9, rate, rate * 1.1], torch="x")
-            for provider, rate in (("diffusers", 100.0), ("fastddpm", 150.0))]
-    return rows, wide
+    train_step = [dict(common, op="train_step_tiny", shape="8x1x8x8", provider=provider, metric="throughput",
+                       unit="images/s", p50=rate, p20=0.9 * rate, p80=1.1 * rate)
+                  for provider, rate in (("diffusers", 100.0), ("fastddpm", 150.0))]
+    return loss, train_step
 
 
 def test_bench_table_json_and_plot(monkeypatch, tmp_path, capsys):
     from matplotlib.image import imread
-    rows, wide = fake_rows()
-    by_name = {"loss": rows, "train_step": [bench._long_format("train_step", row) for row in wide]}
+    loss, train_step = fake_rows()
+    by_name = {"loss": loss, "train_step": train_step}
     monkeypatch.setattr(bench, "run_benchmark", lambda name, device: by_name[name])
     json_path, plot_path = tmp_path / "out" / "bench.json", tmp_path / "out" / "speedup.png"
     assert main(["bench", "--only", "loss", "train_step", "--json", str(json_path), "--plot", str(plot_path)]) == 0
     table = capsys.readouterr().out
     assert "4.00x" in table and "2.00x" in table and "1.50x" in table  # 2/0.5, 2/1, 150/100
     written = json.loads(json_path.read_text())
-    assert len(written) == 6 and {row["op"] for row in written} == {"loss_step_simple", "train_step"}
+    assert len(written) == 6 and {row["op"] for row in written} == {"loss_step_simple", "train_step_tiny"}
     assert imread(plot_path).ndim == 3
-    ratios = {(op, provider): value for op, *_, provider, baseline, value in bench.speedups(written)}
+    ratios = {(op, provider): value for op, *_, provider, baseline, value in harness.speedups(written)}
     assert ratios == {("loss_step_simple", "fastddpm"): 4.0, ("loss_step_simple", "compile"): 2.0,
-                      ("train_step", "fastddpm"): 1.5}
+                      ("train_step_tiny", "fastddpm"): 1.5}
 
 
 def test_bench_rejects_unknown_names(capsys):
@@ -183,4 +185,4 @@ def test_bench_runs_a_real_benchmark_module(monkeypatch):
     rows = bench.run_benchmark("loss", "cpu")
     assert {row["provider"] for row in rows} == {"fastddpm", "eager"}
     assert all(set(bench_field for bench_field in ("op", "metric", "unit", "p50")) <= set(row) for row in rows)
-    assert any(entry[5] == "fastddpm" for entry in bench.speedups(rows))
+    assert any(entry[5] == "fastddpm" for entry in harness.speedups(rows))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import train as train_module
-from fastddpm.data import BatchSampler, DataError, images_from_array, load_images, train_test_split
-from fastddpm.loss import DiffusionLoss
-from fastddpm.train import (CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted, build_model,
-                            load_checkpoint, train)
-from fastddpm.train_step import TrainStep
+from fastddpm import DiffusionLoss, TrainStep
+from fastddpm.app import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
+                          load_checkpoint, train)
+from fastddpm.app.data import BatchSampler, images_from_array, load_images, train_test_split
+from fastddpm.app.digits import digit_recognisability
+from fastddpm.app.model import build_model
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +85,10 @@ def test_run_writes_checkpoint_samples_loss_curve_and_metrics(tmp_path):
 def test_recognisability_accepts_real_digits_and_rejects_noise():
     images, labels = load_images("digits")
     train_images, test_images, train_labels, test_labels = train_test_split(images, labels, 0.1, seed=0)
-    real = train_module.digit_recognisability(test_images, train_images, train_labels, test_images, test_labels)
+    real = digit_recognisability(test_images, train_images, train_labels, test_images, test_labels)
     assert real["samples_recognisable_fraction"] > 0.8
     noise = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fake = train_module.digit_recognisability(noise, train_images, train_labels, test_images, test_labels)
+    fake = digit_recognisability(noise, train_images, train_labels, test_images, test_labels)
     assert fake["samples_recognisable_fraction"] == 0.0
 
 
