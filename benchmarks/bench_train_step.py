@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastddpm import DiffusionLoss, NoiseSchedule, TrainStep, UNet, compile_unet
+from fastddpm.testing import random_images
 
 from . import harness
 
@@ -47,7 +48,7 @@ def run(preset="tiny", batch=8, device=None, steps=10, reps=TIMING_WINDOWS, prov
     for provider in providers:
         torch.manual_seed(0)
         step = make_step(provider, config, device)
-        x0 = torch.rand(batch, config["in_channels"], size, size, device=device) * 2 - 1
+        x0 = random_images((batch, config["in_channels"], size, size), device=device)
         warmup_s, window_s = time_steps(step, x0, steps, device, reps)
         rates = [batch * steps / s for s in window_s]
         row = dict(where, provider=provider)
