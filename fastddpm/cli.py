@@ -119,13 +119,13 @@ def _build_parser():
     sample_parser = commands.add_parser("sample", help="a grid of samples from a checkpoint")
     sample_parser.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     method = _api_default(sample, "method")
-    sample_parser.add_argument("--method", choices=options.METHODS, default=method, help=f"(default: {method})")
+    sample_parser.add_argument("--method", choices=options.METHODS, default=method, help=f"sampler (default: {method})")
     sample_parser.add_argument("--steps", type=_optional_int, default=100,
                                help="sampler steps, respaced from T ('none': all T; default: 100)")
     eta = _api_default(sample, "eta")
     sample_parser.add_argument("--eta", type=float, default=eta, help=f"DDIM eta (default: {eta})")
     sample_parser.add_argument("--num", type=int, default=64, help="number of samples (default: 64)")
-    sample_parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    sample_parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     sample_parser.add_argument("--out", default="samples.png",
                                help="a .png grid (.png added to a name without extension), or .npy for the raw array "
                                "in [-1, 1] (default: samples.png)")
@@ -140,8 +140,8 @@ def _build_parser():
     elbo.add_argument("--timesteps", type=_optional_int, default=None,
                       help="K-sample estimate (default: every t, the full bound)")
     elbo.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (default: all)")
-    elbo.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
-    elbo.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    elbo.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    elbo.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps (default: 0)")
     elbo.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     _add_compute_arguments(elbo)
     elbo.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -186,3 +186,138 @@ def test_bench_runs_a_real_benchmark_module(monkeypatch):
     assert {row["provider"] for row in rows} == {"fastddpm", "eager"}
     assert all(set(bench_field for bench_field in ("op", "metric", "unit", "p50")) <= set(row) for row in rows)
     assert any(entry[5] == "fastddpm" for entry in harness.speedups(rows))
+
+
+# -- the command line's polish: threads, paths, errors, help, defaults, method vocabulary ------
+
+
+@pytest.mark.parametrize("command", ["sample", "elbo"])
+def test_sample_and_elbo_run_on_the_threads_given(command, run_dir, tmp_path, monkeypatch):
+    import fastddpm.cli as cli
+    from fastddpm.app.distributed import default_threads
+
+    seen = []
+    name = {"sample": "draw_samples", "elbo": "evaluate_bpd"}[command]
+    original = getattr(cli, name)
+    monkeypatch.setattr(cli, name, lambda *args, **kwargs: seen.append(torch.get_num_threads())
+                        or original(*args, **kwargs))
+    extra = (["--steps", "2", "--num", "2", "--out", str(tmp_path / "s.npy")] if command == "sample"
+             else ["--timesteps", "2", "--limit", "2"])
+    torch.set_num_threads(3)
+    assert main([command, run_dir, "--threads", "2", "--no-progress", *extra]) == 0
+    assert main([command, run_dir, "--no-progress", *extra]) == 0
+    assert seen == [2, default_threads()] and torch.get_num_threads() == 3  # restored
+    torch.set_num_threads(1)
+
+
+def test_every_computing_command_takes_threads():
+    from fastddpm.cli import _build_parser
+
+    parser = _build_parser()
+    for command in (["train"], ["sample", "run"], ["elbo", "run"], ["bench"], ["verify"]):
+        assert parser.parse_args([*command, "--threads", "3"]).threads == 3
+
+
+def test_a_run_finds_its_data_from_another_folder(tmp_path, data_npy, monkeypatch, capsys):
+    import shutil
+    (tmp_path / "project").mkdir()
+    shutil.copy(data_npy, tmp_path / "project" / "digits.npy")
+    monkeypatch.chdir(tmp_path / "project")
+    assert main(["train", "--data", "digits.npy", "--out", "runs/a", *TINY_TRAIN, "--steps", "1"]) == 0
+    state = torch.load(tmp_path / "project" / "runs" / "a" / "checkpoint.pt", weights_only=True)
+    assert state["config"]["data"] == str(tmp_path / "project" / "digits.npy")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["elbo", "project/runs/a", "--timesteps", "2", "--no-progress"]) == 0
+    assert f"the test split of {tmp_path / 'project' / 'digits.npy'}" in capsys.readouterr().out
+    # resuming from the new folder with the same data named otherwise is the same run
+    assert main(["train", "--data", "project/digits.npy", "--out", "project/runs/a", "--resume",
+                 *TINY_TRAIN]) == 0
+
+
+def test_a_foreign_or_garbage_checkpoint_is_one_clean_line(tmp_path, capsys):
+    import fractions
+    import pickle
+    import warnings
+    pickle.dump({"weights": fractions.Fraction(1, 3)}, open(tmp_path / "foreign.pt", "wb"), protocol=4)
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02 garbage")
+    for name in ("foreign.pt", "garbage.pt"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's warning about the pickle protocol stays inside
+            assert main(["sample", str(tmp_path / name), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"fastddpm sample: error: {tmp_path / name} is not a readable checkpoint (truncated or "
+                       "corrupt, or not written by `fastddpm train`)\n")
+
+
+def test_sample_prints_the_path_it_wrote(run_dir, tmp_path, capsys):
+    assert main(["sample", run_dir, "--steps", "2", "--num", "2", "--out", str(tmp_path / "grid"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "grid.png").is_file() and not (tmp_path / "grid").exists()
+    assert capsys.readouterr().out.rstrip().endswith(f"to {tmp_path / 'grid.png'}")
+
+
+def test_train_help_lists_the_presets_and_one_default_per_option(capsys):
+    import dataclasses
+
+    from fastddpm.app import TrainConfig
+    from fastddpm.unet import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "{" + ",".join(sorted(PRESETS)) + "}" in text
+    # one block per option: the line naming its flag, then its help's wrapped lines
+    blocks, flag = {}, None
+    for line in text.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            blocks[flag] = ""
+        if flag:
+            blocks[flag] += " " + line.strip()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name != "compile":
+            assert blocks[flag].count("(default:") == 1, blocks[flag]
+    assert all(block.count("default") <= 1 for block in blocks.values())
+
+
+def test_the_commands_use_the_api_defaults(run_dir, data_npy, tmp_path, capsys):
+    """`fastddpm elbo` and `fastddpm sample` give what elbo_bpd and sample give with their defaults."""
+    from fastddpm import elbo_bpd, sample
+    from fastddpm.app import load_checkpoint, model_from_checkpoint
+    from fastddpm.app.data import load_images
+
+    model, schedule, config = model_from_checkpoint(load_checkpoint(run_dir))
+    images = load_images(data_npy)[0][:6]
+    assert main(["elbo", run_dir, "--data", data_npy, "--limit", "6", "--timesteps", "5", "--seed", "4",
+                 "--no-progress"]) == 0
+    printed = float(capsys.readouterr().out.split(": ")[1].split(" bits/dim")[0])
+    with torch.no_grad():
+        expected = elbo_bpd(model, images, schedule, prediction=config.prediction, variance=config.variance,
+                            timesteps=5, progress=False, generator=torch.Generator().manual_seed(4))
+    assert printed == pytest.approx(expected["total_bpd"].mean().item(), abs=1e-4)
+
+    out = tmp_path / "s.npy"
+    assert main(["sample", run_dir, "--num", "3", "--steps", "4", "--seed", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    with torch.no_grad():
+        expected = sample(model, (3, 1, 8, 8), schedule, steps=4, prediction=config.prediction,
+                          variance=config.variance, progress=False, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_array_equal(np.load(out), expected.clamp(-1, 1).numpy())
+
+
+def test_methods_come_from_the_options_vocabulary(monkeypatch):
+    from fastddpm import options
+    from fastddpm.app import TrainConfig
+    from fastddpm.cli import _build_parser
+
+    monkeypatch.setattr(options, "METHODS", (*options.METHODS, "dpm++2m"))
+    parser = _build_parser()
+    assert parser.parse_args(["sample", "run", "--method", "dpm++2m"]).method == "dpm++2m"
+    assert parser.parse_args(["train", "--sample-method", "dpm++2m"]).sample_method == "dpm++2m"
+    TrainConfig(sample_method="dpm++2m").validate()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "run", "--method", "euler"])
+    with pytest.raises(ValueError, match="--sample-method must be one of ddpm, ddim, dpm\\+\\+2m"):
+        TrainConfig(sample_method="euler").validate()
