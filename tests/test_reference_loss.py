@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import use_backend
+from helpers import use_backend
 import torch.nn.functional as torch_F
 
 from fastddpm import NoiseSchedule

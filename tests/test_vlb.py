@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import SHAPES, make_layout, relative_error
+from helpers import SHAPES, make_layout, relative_error
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
