@@ -236,14 +236,14 @@ def _bench(args):
 
 
 def _verify(args):
-    device = str(resolve_device(args.device))
-    if resolve_device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    device = resolve_device(args.device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # The interpreter must be chosen before triton is imported, and importing fastddpm imported it.
         argv = [sys.executable, "-m", "fastddpm", "verify", *(["--device", args.device] if args.device else []),
                 *(["--threads", str(args.threads)] if args.threads else [])]
         os.execve(sys.executable, argv, {**os.environ, "TRITON_INTERPRET": "1"})
     from .verify import verify
-    if not verify(device=device):
+    if not verify(device=str(device)):
         print("fastddpm verify: error: some kernels differ from the reference beyond tolerance", file=sys.stderr)
         return 1
     return 0
