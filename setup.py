@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships as fastddpm.kernels (a top-level `kernels` would clash with a PyPI package),
-    # benchmarks/ as fastddpm.benchmarks for `fastddpm bench`.
+    # benchmarks/ as fastddpm.benchmarks for `fastddpm bench` (not its pytest suites, benchmarks/suites/).
     packages=find_packages(include=["fastddpm", "fastddpm.*"]) + ["fastddpm.kernels", "fastddpm.benchmarks"],
     package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels", "fastddpm.benchmarks": "benchmarks"},
     install_requires=[

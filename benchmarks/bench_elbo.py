@@ -26,6 +26,7 @@ import torch
 
 import fastddpm
 from fastddpm import NoiseSchedule
+from fastddpm.testing import plausible_output, random_images
 
 from . import harness
 
@@ -37,13 +38,11 @@ PROVIDERS = ("fastddpm", "eager", "compile")
 
 def step_inputs(size, dtype, device, schedule, generator):
     """(model_output with 2C channels, x0, x_t, noise, t): a plausible model at random t."""
-    x0 = torch.rand(size, device=device, generator=generator) * 2 - 1
+    x0 = random_images(size, device=device, generator=generator)
     noise = torch.randn(size, device=device, generator=generator)
     t = torch.randint(0, schedule.num_timesteps, (size[0],), device=device, generator=generator)
     x_t = fastddpm.reference.q_sample(x0, t, noise, schedule)
-    eps_hat = noise + 0.3 * torch.randn(size, device=device, generator=generator)
-    variance_half = torch.rand(size, device=device, generator=generator) * 2 - 1
-    output = torch.cat([eps_hat, variance_half], dim=1)
+    output = plausible_output(x0, noise, t, schedule, variance="learned_range", generator=generator)
     return tuple(x.to(dtype) for x in (output, x0, x_t, noise)) + (t,)
 
 
@@ -117,7 +116,7 @@ def run_full_loop(size, dtype, device, steps, batch, base, on_cuda):
     model = UNet.from_preset("tiny", in_channels=channels, image_size=height, attention_resolutions=(height // 2,),
                              learn_sigma=True).to(device).eval()
     schedule = NoiseSchedule.linear(steps, rescale_with_T=True) if steps >= 50 else NoiseSchedule.cosine(steps)
-    x0 = (torch.rand((batch, *size[1:]), device=device) * 2 - 1).to(dtype)
+    x0 = random_images((batch, *size[1:]), device=device).to(dtype)
     loops = {"fastddpm": full_loop(model, x0, schedule, "auto"), "eager": full_loop(model, x0, schedule, "reference")}
     times = {}
     with torch.no_grad():

@@ -6,7 +6,7 @@ The model is left out: `pred` is a fresh tensor requiring grad, standing in for 
 - fastddpm: `DiffusionLoss.noise` + `DiffusionLoss.loss`, as users call them. On CUDA the
   fused kernels (noise drawn in q-sample and regenerated in the loss, gradient written in the
   forward pass); on CPU, under backend "auto", the PyTorch path users get there
-  (`loss.eager_q_sample` and `loss.eager_diffusion_loss`), not the kernels.
+  (`torch_ops.q_sample` and `torch_ops.diffusion_loss`), not the kernels.
 - eager: diffusers' training scripts: `randn_like`, `DDPMScheduler.add_noise`'s formula (in the
   input dtype), `F.mse_loss(pred.float(), noise.float())`; for min_snr the per-sample form of
   diffusers' train_text_to_image.py (`compute_snr`, `min(snr, gamma) / snr`).

@@ -6,57 +6,59 @@ Providers, all on the same architecture and batch:
   diffusers         UNet2DModel + DDPMScheduler, eager: randn_like, add_noise, F.mse_loss,
                     backward, AdamW step (torch defaults), bf16 autocast on CUDA.
   diffusers-compile the same step with the UNet2DModel under torch.compile.
-On CUDA each row also gives the model FLOP utilisation: 3x the forward FLOPs (counted by
+Rows (harness.FIELDS, op "train_step_<preset>"): throughput in images/s (median and 20th / 80th
+percentiles over timing windows of `steps` steps), the compiling warm-up in s, the forward
+GFLOP per image, and on CUDA the model FLOP utilisation: 3x the forward FLOPs (counted by
 torch's FlopCounterMode; 12.44 GFLOP per 32x32 image for ddpm-cifar10) per second, against a
 measured bf16 matmul rate. Learned-sigma presets are timed with an eps-only output head.
 
-    python benchmarks/bench_train_step.py --device cpu --preset tiny --batch 8 --steps 10
+    python -m fastddpm.benchmarks.bench_train_step --device cpu --preset tiny --batch 8 --steps 10
+    python -m fastddpm.benchmarks.bench_train_step --full     # ddpm-cifar10, batch 128 (GPU)
 """
-import argparse
-import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastddpm.loss import DiffusionLoss
-from fastddpm.schedule import NoiseSchedule
-from fastddpm.train_step import TrainStep
-from fastddpm.unet import UNet, compile_unet
+from fastddpm import DiffusionLoss, NoiseSchedule, TrainStep, UNet, compile_unet
+from fastddpm.testing import random_images
+
+from . import harness
 
 PROVIDERS = ("fastddpm", "diffusers", "diffusers-compile")
 NUM_TIMESTEPS = 1000
 TIMING_WINDOWS = 3
+FULL = dict(preset="ddpm-cifar10", batch=128, steps=20)
+CPU = dict(preset="tiny", batch=8, steps=5)
 
 
-def run(preset="tiny", batch=8, device="cpu", steps=10):
-    """One result dict per provider: images/s (median of timing windows), ms per step, and
-    on CUDA the model FLOP utilisation."""
-    device = torch.device(device)
+def run(preset="tiny", batch=8, device=None, steps=10, reps=TIMING_WINDOWS, providers=PROVIDERS):
+    """Rows (harness.FIELDS) per provider: throughput over `reps` windows of `steps` steps, warm-up,
+    forward GFLOP per image and, on CUDA, the model FLOP utilisation."""
+    device = harness.resolve_device(device)
     config = UNet.from_preset(preset, learn_sigma=False).config
     size = config["image_size"]
     fwd_flops = forward_flops_per_image(config)
     matmul_flops = measure_bf16_matmul_flops(device) if device.type == "cuda" else None
-    results = []
-    for provider in PROVIDERS:
+    where = dict(harness.environment(device), op=f"train_step_{preset}", mode="full",
+                 shape=f"{batch}x{config['in_channels']}x{size}x{size}",
+                 dtype="autocast bfloat16" if device.type == "cuda" else "float32")
+    rows = []
+    for provider in providers:
         torch.manual_seed(0)
         step = make_step(provider, config, device)
-        x0 = torch.rand(batch, config["in_channels"], size, size, device=device) * 2 - 1
-        warmup_s, window_s = time_steps(step, x0, steps, device)
-        images_per_s = statistics.median(batch * steps / s for s in window_s)
-        results.append(dict(
-            bench="train_step", provider=provider, preset=preset, image_size=size, batch=batch,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            autocast="bfloat16" if device.type == "cuda" else "none", steps=steps,
-            images_per_s=images_per_s, ms_per_step=1e3 * batch / images_per_s,
-            images_per_s_windows=[batch * steps / s for s in window_s], warmup_s=warmup_s,
-            forward_gflop_per_image=fwd_flops / 1e9,
-            mfu=None if matmul_flops is None else 3 * fwd_flops * images_per_s / matmul_flops,
-            bf16_matmul_tflops=None if matmul_flops is None else matmul_flops / 1e12,
-            torch=torch.__version__))
-    return results
+        x0 = random_images((batch, config["in_channels"], size, size), device=device)
+        warmup_s, window_s = time_steps(step, x0, steps, device, reps)
+        rates = [batch * steps / s for s in window_s]
+        row = dict(where, provider=provider)
+        rows += [dict(row, metric="throughput", unit="images/s", **harness.quantile_fields(harness.quantiles(rates))),
+                 dict(row, metric="warmup", unit="s", p50=warmup_s, p20=warmup_s, p80=warmup_s),
+                 dict(row, metric="forward_flops", unit="GFLOP/image", **harness.quantile_fields([fwd_flops / 1e9] * 3))]
+        if matmul_flops is not None:
+            mfu = [100 * 3 * fwd_flops * rate / matmul_flops for rate in harness.quantiles(rates)]
+            rows.append(dict(row, metric="mfu", unit="%", **harness.quantile_fields(mfu)))
+    return rows
 
 
 def make_step(provider, config, device):
@@ -109,21 +111,21 @@ def diffusers_config(config):
         resnet_time_scale_shift="scale_shift" if config["use_scale_shift_norm"] else "default")
 
 
-def time_steps(step, x0, steps, device):
-    """(seconds of the first, compiling steps; seconds of each timing window of `steps` steps)."""
+def time_steps(step, x0, steps, device, windows=TIMING_WINDOWS):
+    """(seconds of the first, compiling steps; seconds of each of `windows` windows of `steps` steps)."""
     start = time.perf_counter()
     for _ in range(3):  # compile, then settle autotuning and allocator
         step(x0)
     synchronize(device)
     warmup_s = time.perf_counter() - start
-    windows = []
-    for _ in range(TIMING_WINDOWS):
+    seconds = []
+    for _ in range(windows):
         start = time.perf_counter()
         for _ in range(steps):
             step(x0)
         synchronize(device)
-        windows.append(time.perf_counter() - start)
-    return warmup_s, windows
+        seconds.append(time.perf_counter() - start)
+    return warmup_s, seconds
 
 
 def forward_flops_per_image(config):
@@ -155,30 +157,18 @@ def synchronize(device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default=None, help="UNet preset (default: ddpm-cifar10 on CUDA, tiny on CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per timing window (default: 20 on CUDA, 5 on CPU)")
-    parser.add_argument("--json", default=None, help="write the result rows to this file")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (on a shared machine, 1 keeps OpenMP threads from spinning against others)")
+    parser = harness.parser(__doc__.split("\n")[0], "ddpm-cifar10, batch 128", dtypes=None)
+    parser.add_argument("--preset", default=None, help="UNet preset (default: ddpm-cifar10 with --full, else tiny)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 with --full, else 8")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timing window (default: 20 with --full, "
+                        "else 5)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    on_cuda = torch.device(args.device).type == "cuda"
-    preset = args.preset or ("ddpm-cifar10" if on_cuda else "tiny")
-    batch = args.batch or (128 if on_cuda else 8)
-    steps = args.steps or (20 if on_cuda else 5)
-    results = run(preset, batch, args.device, steps)
-    for row in results:
-        mfu = "" if row["mfu"] is None else f"  MFU {100 * row['mfu']:.1f}%"
-        print(f"{row['provider']:>18}  {row['images_per_s']:9.1f} images/s  {row['ms_per_step']:8.2f} ms/step"
-              f"  (warm-up {row['warmup_s']:.1f} s){mfu}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    harness.setup(args)
+    sizes = FULL if args.full or harness.resolve_device(args.device).type == "cuda" else CPU
+    rows = run(args.preset or sizes["preset"], args.batch or sizes["batch"], args.device, args.steps or sizes["steps"],
+               reps=args.reps or TIMING_WINDOWS)
+    harness.report(rows, args.out)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""What the benchmark scripts share: timing (CPU and CUDA), the long-format rows, the summary,
-the command line and the CSV.
+"""What the benchmarks share: timing (CPU and CUDA), the one row format, the one table, the
+command line and the output files.
 
 A benchmark times a dict {provider: step}, each step a no-argument callable, for every case
 (op, shape, dtype) and turns the times into rows of FIELDS: one row per provider and metric
-(time in ms, the bytes of the traffic floor, the bandwidth they imply, peak memory on CUDA),
-each with its median and 20th / 80th percentiles.
+(time in ms or throughput in images/s, the bytes of the traffic floor, the bandwidth they
+imply, peak memory on CUDA), each with its median and 20th / 80th percentiles. The table
+gives each provider's speedup over its case's baseline (eager PyTorch, or diffusers).
 """
 import argparse
 import csv
 import datetime
+import json
+import os
 import random
 import statistics
 import time
@@ -17,6 +20,8 @@ import torch
 
 FIELDS = ("op", "provider", "mode", "metric", "unit", "shape", "dtype", "p50", "p20", "p80", "device", "torch",
           "triton", "time")
+BASELINES = ("eager", "diffusers")  # the provider each speedup is measured against, first found
+HIGHER_IS_BETTER_UNITS = ("images/s", "GB/s", "it/s", "samples/s")
 
 
 def resolve_device(device):
@@ -108,55 +113,104 @@ def case_rows(where, provider, ms, moved, peak=None):
     return rows
 
 
-def summary(rows):
-    """One line per case: p50 times and each provider's speed-up over eager."""
-    times = {}
+def speedups(rows):
+    """(op, shape, dtype, mode, metric, provider, baseline, speedup): each provider's time or
+    throughput against the first of BASELINES in its case."""
+    groups = {}
     for row in rows:
-        if row["metric"] == "time":
-            times.setdefault((row["op"], row["shape"], row["dtype"]), {})[row["provider"]] = row["p50"]
-    op_width = max((len(op) for op, _, _ in times), default=0)
-    shape_width = max((len(shape) for _, shape, _ in times), default=0)
-    lines = []
-    for (op, shape, dtype), by_provider in times.items():
-        eager = by_provider.get("eager")
-        cells = [f"{name} {ms:.3f} ms" + (f" ({eager / ms:.2f}x)" if eager else "") for name, ms in by_provider.items()]
-        lines.append(f"{op:{op_width}} {shape:{shape_width}} {dtype:9} " + ", ".join(cells))
-    return "\n".join(lines)
+        if row["metric"] not in ("time", "throughput"):
+            continue
+        key = (row["op"], row["shape"], row["dtype"], row.get("mode", ""), row["metric"])
+        groups.setdefault(key, {})[row["provider"]] = row
+    result = []
+    for key, by_provider in groups.items():
+        baseline = next((by_provider[name] for name in BASELINES if name in by_provider), None)
+        if baseline is None:
+            continue
+        for provider, row in by_provider.items():
+            if row is baseline or not row["p50"] or not baseline["p50"]:
+                continue
+            higher_better = row["unit"] in HIGHER_IS_BETTER_UNITS
+            ratio = row["p50"] / baseline["p50"] if higher_better else baseline["p50"] / row["p50"]
+            result.append((*key, provider, baseline["provider"], ratio))
+    return result
 
 
-def parser(description, full_sizes, threads=None):
-    """The flags every benchmark takes: --device, --full, --dtypes, --reps, --threads (default
-    `threads`; None: torch's) and --out."""
+def format_table(rows):
+    """The rows as aligned text, with each provider's speedup over its case's baseline."""
+    ratio = {(op, shape, dtype, mode, metric, provider): value
+             for op, shape, dtype, mode, metric, provider, _, value in speedups(rows)}
+    header = ("op", "shape", "dtype", "mode", "provider", "metric", "p50", "p20", "p80", "unit", "vs baseline")
+    lines = [header]
+    for row in rows:
+        key = (row["op"], row["shape"], row["dtype"], row.get("mode", ""), row["metric"], row["provider"])
+        lines.append((row["op"], str(row["shape"]), str(row["dtype"]), str(row.get("mode", "")), row["provider"],
+                      row["metric"], _number(row["p50"]), _number(row.get("p20")), _number(row.get("p80")),
+                      row["unit"], f"{ratio[key]:.2f}x" if key in ratio else ""))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _number(value):
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def parser(description, full_sizes, threads=None, dtypes="float32,bfloat16"):
+    """The flags every benchmark takes: --device, --full, --dtypes (where `dtypes`), --reps,
+    --threads (default `threads`; None: torch's) and --out."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--full", action="store_true", help=f"the full sizes {full_sizes} (default on CUDA)")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    if dtypes:
+        parser.add_argument("--dtypes", default=dtypes, help=f"(default: {dtypes})")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=threads,
-                        help=f"CPU threads (default {threads})" if threads else "CPU threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="CSV file for the long-format rows")
+                        help=f"CPU threads (default: {threads})" if threads else "CPU threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the rows to this file: JSON if it ends in .json, else CSV")
     return parser
 
 
 def setup(args):
-    """Applies --threads; returns the dtypes of --dtypes."""
+    """Applies --threads; returns the dtypes of --dtypes (None without the flag)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return [getattr(torch, name) for name in args.dtypes.split(",")]
+    dtypes = getattr(args, "dtypes", None)
+    return [getattr(torch, name) for name in dtypes.split(",")] if dtypes else None
 
 
 def report(rows, out=None):
-    """Prints the summary (with a note on what runs on CPU) and writes the rows to CSV `out`."""
+    """Prints the table (with a note on what runs on CPU) and writes the rows to `out`."""
     if rows and rows[0]["device"] == "cpu":
         print(f"CPU ({torch.get_num_threads()} threads): fastddpm runs its PyTorch path (backend 'auto'), "
               "not the Triton kernels")
-    print(summary(rows))
+    print(format_table(rows))
     if out:
-        write_csv(rows, out)
+        write_rows(rows, out)
+
+
+def write_rows(rows, path):
+    """The rows to `path`: JSON if it ends in .json, else CSV of FIELDS."""
+    (write_json if path.endswith(".json") else write_csv)(rows, path)
+
+
+def write_json(rows, path):
+    with open(_made_folder_for(path), "w") as handle:
+        json.dump(rows, handle, indent=2, default=str)
 
 
 def write_csv(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+    with open(_made_folder_for(path), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _made_folder_for(path):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return path

@@ -1,25 +1,66 @@
 """The `fastddpm` command: train, sample, elbo, bench, verify.
 
     fastddpm train [--data digits|FOLDER|FILE.npy] [--out runs/NAME] [--resume] ...
-    fastddpm sample runs/NAME [--method ddpm|ddim] [--steps N] [--eta E] [--seed S] [--out grid.png]
+    fastddpm sample runs/NAME [--method METHOD] [--steps N] [--eta E] [--seed S] [--out grid.png]
     fastddpm elbo runs/NAME [--data ...] [--timesteps K]
     fastddpm bench [--json PATH] [--plot PATH.png] [--traffic]
     fastddpm verify [--device cpu|cuda]
 
-Errors the user can fix (bad data, a missing or corrupt checkpoint, a NaN loss) print one
-line, `fastddpm <command>: error: ...`, and exit with status 1 (130 for an interrupted run).
+Every command that computes takes --device and --threads. Errors the user can fix (bad data, a
+missing or corrupt checkpoint, a NaN loss) print one line, `fastddpm <command>: error: ...`,
+and exit with status 1 (130 for an interrupted run).
 """
 import argparse
 import dataclasses
+import inspect
 import os
 import sys
 
-import torch
+from . import options, sample
+from .app import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
+                  load_checkpoint, model_from_checkpoint, train)
+from .app.config import CHOICES
+from .app.data import load_images, train_test_split
+from .app.distributed import cpu_threads, resolve_device
+from .app.evaluate import draw_samples, evaluate_bpd
+from .app.plots import save_grid
 
-from .data import DataError
-from .options import METHODS, SCHEDULES, TIMESTEP_SAMPLERS, VARIANCES
-from .train import (CheckpointError, NonFiniteLossError,
-                    TrainConfig, TrainingInterrupted)
+TRAIN_HELP = {
+    "data": "'digits' (scikit-learn's 8x8 digits), a folder of images or an .npy file (N,H,W)/(N,C,H,W)",
+    "out": "the run folder: checkpoint.pt, samples.png, loss.png, metrics.json",
+    "test_fraction": "held-out fraction for the bits/dim (fixed split from --seed)",
+    "preset": "U-Net architecture",
+    "model_channels": "override the preset's base width",
+    "timesteps": "diffusion steps T",
+    "schedule": "noise schedule",
+    "prediction": "what the model predicts",
+    "weighting": "loss weighting over t",
+    "gamma": "min-SNR clip for --weighting min_snr",
+    "variance": "reverse-process variance; learned_range trains a 2C-channel model on the hybrid loss",
+    "timestep_sampler": "how t is drawn: uniform, or importance-sampled by the loss's second moment",
+    "steps": "total optimizer steps (with --resume: the new total)",
+    "batch_size": "global batch, split across processes",
+    "lr": "AdamW learning rate",
+    "warmup": "linear learning-rate warm-up steps",
+    "grad_clip": "max gradient norm ('none' disables)",
+    "ema_decay": "EMA rate of the weights, warmed up as min(rate, (1+step)/(10+step)) ('none' disables)",
+    "seed": "seed of the weights, data order, split and noise",
+    "log_every": "steps between loss checks and progress-bar updates",
+    "checkpoint_every": "steps between checkpoints",
+    "num_samples": "images in samples.png",
+    "sample_method": "sampler for samples.png",
+    "sample_steps": "sampler steps ('none': all T)",
+    "eta": "DDIM eta (0: deterministic)",
+    "elbo_timesteps": "timesteps K of the test bits/dim estimate ('none': every t, slow)",
+    "device": "cpu, cuda, cuda:1",
+    "threads": "CPU threads per process",
+}
+# Defaults shown in words where the value (None) would say nothing.
+DEFAULT_TEXT = {
+    "model_channels": "the preset's",
+    "device": "cuda if available; under torchrun cuda:LOCAL_RANK",
+    "threads": "the cores but one, divided among the processes",
+}
 
 
 def _optional_float(text):
@@ -30,55 +71,33 @@ def _optional_int(text):
     return None if text.lower() == "none" else int(text)
 
 
+def _api_default(function, name):
+    """The default of `function`'s argument `name`: the command's default is the API's."""
+    return inspect.signature(function).parameters[name].default
+
+
 def _add_train_arguments(parser):
     """Every TrainConfig field as an option whose default is None ("not given"), so --resume knows
-    which settings were given; TrainConfig holds the real defaults, shown in the help."""
+    which settings were given; TrainConfig holds the real defaults, shown once in the help."""
     defaults = TrainConfig()
-    helps = {
-        "data": "'digits' (scikit-learn's 8x8 digits), a folder of images or an .npy file (N,H,W)/(N,C,H,W)",
-        "out": "the run folder: checkpoint.pt, samples.png, loss.png, metrics.json",
-        "test_fraction": "held-out fraction for the bits/dim (fixed split from --seed)",
-        "preset": "U-Net architecture",
-        "model_channels": "override the preset's base width",
-        "timesteps": "diffusion steps T",
-        "schedule": "noise schedule",
-        "prediction": "what the model predicts",
-        "weighting": "loss weighting over t",
-        "gamma": "min-SNR clip for --weighting min_snr",
-        "variance": "reverse-process variance; learned_range trains a 2C-channel model on the hybrid loss",
-        "timestep_sampler": "how t is drawn: uniform, or importance-sampled by the loss's second moment",
-        "steps": "total optimizer steps (with --resume: the new total)",
-        "batch_size": "global batch, split across processes",
-        "lr": "AdamW learning rate",
-        "warmup": "linear learning-rate warm-up steps",
-        "grad_clip": "max gradient norm ('none' disables)",
-        "ema_decay": "EMA rate of the weights, warmed up as min(rate, (1+step)/(10+step)) ('none' disables)",
-        "seed": "seed of the weights, data order, split and noise",
-        "log_every": "steps between loss checks and progress-bar updates",
-        "checkpoint_every": "steps between checkpoints",
-        "num_samples": "images in samples.png",
-        "sample_method": "sampler for samples.png",
-        "sample_steps": "sampler steps ('none': all T)",
-        "eta": "DDIM eta (0: deterministic)",
-        "elbo_timesteps": "timesteps K of the test bits/dim estimate ('none': every t, slow)",
-        "device": "cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
-        "threads": "CPU threads per process (default: the cores but one, divided among the processes)",
-    }
-    choices = {"preset": None, "schedule": SCHEDULES, "sample_method": METHODS, "variance": VARIANCES,
-               "timestep_sampler": TIMESTEP_SAMPLERS,
-               "prediction": ("eps", "x0", "v"), "weighting": ("simple", "vlb", "snr", "min_snr", "p2")}
     for field in dataclasses.fields(TrainConfig):
         if field.name == "compile":
             continue
-        default = getattr(defaults, field.name)
         kind = {int | None: _optional_int, float | None: _optional_float, int: int, float: float}.get(field.type, str)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
-                            choices=choices.get(field.name), metavar=None if choices.get(field.name) else "X",
-                            help=f"{helps[field.name]} (default: {default})")
+        choices = CHOICES[field.name]() if field.name in CHOICES else None
+        shown = DEFAULT_TEXT.get(field.name, getattr(defaults, field.name))
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None, choices=choices,
+                            metavar=None if choices else "X", help=f"{TRAIN_HELP[field.name]} (default: {shown})")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model and loss (slow to start on CPU)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_compute_arguments(parser):
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"CPU threads (default: {DEFAULT_TEXT['threads'].split(',')[0]})")
 
 
 def _config_from_args(args):
@@ -91,49 +110,53 @@ def _build_parser():
                                      "evaluate, benchmark and verify.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a DDPM, then sample it and measure its bits/dim",
-                                description="Train a DDPM end to end (default: the digits, ~10 minutes on 2 CPU "
-                                "cores), then write samples.png, loss.png and metrics.json. Under torchrun it "
-                                "trains with DistributedDataParallel.")
-    _add_train_arguments(train)
+    train_parser = commands.add_parser("train", help="train a DDPM, then sample it and measure its bits/dim",
+                                       description="Train a DDPM end to end (default: the digits, ~10 minutes on 2 "
+                                       "CPU cores), then write samples.png, loss.png and metrics.json. Under torchrun "
+                                       "it trains with DistributedDataParallel.")
+    _add_train_arguments(train_parser)
 
-    sample = commands.add_parser("sample", help="a grid of samples from a checkpoint")
-    sample.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
-    sample.add_argument("--method", choices=METHODS, default="ddpm", help="default: ddpm (ancestral)")
-    sample.add_argument("--steps", type=_optional_int, default=100, help="sampler steps ('none': all T; default 100)")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    sample.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="samples.png", help="a .png grid, or .npy for the raw array in [-1, 1]")
-    sample.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
-    sample.add_argument("--device", default=None)
-    sample.add_argument("--no-progress", action="store_true")
+    sample_parser = commands.add_parser("sample", help="a grid of samples from a checkpoint")
+    sample_parser.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
+    method = _api_default(sample, "method")
+    sample_parser.add_argument("--method", choices=options.METHODS, default=method, help=f"sampler (default: {method})")
+    sample_parser.add_argument("--steps", type=_optional_int, default=100,
+                               help="sampler steps, respaced from T ('none': all T; default: 100)")
+    eta = _api_default(sample, "eta")
+    sample_parser.add_argument("--eta", type=float, default=eta, help=f"DDIM eta (default: {eta})")
+    sample_parser.add_argument("--num", type=int, default=64, help="number of samples (default: 64)")
+    sample_parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    sample_parser.add_argument("--out", default="samples.png",
+                               help="a .png grid (.png added to a name without extension), or .npy for the raw array "
+                               "in [-1, 1] (default: samples.png)")
+    sample_parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    _add_compute_arguments(sample_parser)
+    sample_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     elbo = commands.add_parser("elbo", help="a checkpoint's bits/dim (negative ELBO) on a data set")
     elbo.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     elbo.add_argument("--data", default=None,
-                      help="'digits', a folder or an .npy (default: the run's test split; a given --data is "
-                      "used whole)")
+                      help="'digits', a folder or an .npy, used whole (default: the run's test split)")
     elbo.add_argument("--timesteps", type=_optional_int, default=None,
                       help="K-sample estimate (default: every t, the full bound)")
-    elbo.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    elbo.add_argument("--batch-size", type=int, default=256)
-    elbo.add_argument("--seed", type=int, default=0)
-    elbo.add_argument("--no-ema", action="store_true")
-    elbo.add_argument("--device", default=None)
-    elbo.add_argument("--no-progress", action="store_true")
+    elbo.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (default: all)")
+    elbo.add_argument("--batch-size", type=int, default=256, help="images per model call (default: 256)")
+    elbo.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps (default: 0)")
+    elbo.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    _add_compute_arguments(elbo)
+    elbo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     bench = commands.add_parser("bench", help="time every hot path (loss, sampling step, ELBO, train step)")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.add_argument("--plot", default=None, help="bar chart of the speedup over eager PyTorch (PNG)")
     bench.add_argument("--only", nargs="+", default=None, metavar="NAME",
                        help="run only these benchmarks (loss, sampling, elbo, train_step)")
-    bench.add_argument("--device", default=None)
     bench.add_argument("--traffic", action="store_true",
                        help="also count launches and bytes per element, and time host µs per call, of every hot path")
+    _add_compute_arguments(bench)
 
     verify = commands.add_parser("verify", help="every kernel against the float64 reference on this device")
-    verify.add_argument("--device", default=None)
+    _add_compute_arguments(verify)
     return parser
 
 
@@ -141,7 +164,10 @@ def main(argv=None):
     args = _build_parser().parse_args(argv)
     handlers = {"train": _train, "sample": _sample, "elbo": _elbo, "bench": _bench, "verify": _verify}
     try:
-        return handlers[args.command](args) or 0
+        if args.command == "train":  # threads per process: the run sets them
+            return _train(args) or 0
+        with cpu_threads(args.threads):
+            return handlers[args.command](args) or 0
     except TrainingInterrupted as error:
         print(f"fastddpm {args.command}: {error}", file=sys.stderr)
         return 130
@@ -151,14 +177,11 @@ def main(argv=None):
 
 
 def _train(args):
-    from .train import train
     train(_config_from_args(args), resume=args.resume, progress=not args.no_progress)
 
 
 def _sample(args):
-    from .train import draw_samples, load_checkpoint, model_from_checkpoint, save_grid
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     state = load_checkpoint(args.checkpoint)
@@ -171,21 +194,22 @@ def _sample(args):
     if args.out.endswith(".npy"):
         import numpy as np
         np.save(args.out, samples.numpy())
+        written = args.out
     else:
-        save_grid(samples, args.out)
-    print(f"wrote {args.num} samples ({args.method}, {args.steps or schedule.num_timesteps} steps) to {args.out}")
+        written = save_grid(samples, args.out)
+    print(f"wrote {args.num} samples ({args.method}, {args.steps or schedule.num_timesteps} steps) to {written}")
 
 
 def _elbo(args):
-    from .data import load_images, train_test_split
-    from .train import evaluate_bpd, load_checkpoint, model_from_checkpoint
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     model, schedule, config = model_from_checkpoint(state, ema=not args.no_ema, device=device)
     if args.timesteps is not None and not 2 <= args.timesteps <= schedule.num_timesteps:
         raise ValueError(f"--timesteps must lie in [2, T={schedule.num_timesteps}], got {args.timesteps}")
     if args.data is None:
+        if config.data != "digits" and not os.path.exists(config.data):
+            raise DataError(f"the run's data {config.data!r} is not found (moved, or a path relative to the folder "
+                            "it was trained from?): pass --data")
         images, labels = load_images(config.data)
         images = train_test_split(images, labels, config.test_fraction, seed=config.seed)[1]
         described = f"the test split of {config.data}"
@@ -206,20 +230,20 @@ def _elbo(args):
 
 
 def _bench(args):
-    from .bench import main as bench_main
+    from .benchmarks.suite import main as bench_main
     return bench_main(json_path=args.json, plot_path=args.plot, only=args.only, device=args.device,
                       traffic=args.traffic)
 
 
 def _verify(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    device = resolve_device(args.device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # The interpreter must be chosen before triton is imported, and importing fastddpm imported it.
-        argv = [sys.executable, "-m", "fastddpm", "verify", *(["--device", args.device] if args.device else [])]
+        argv = [sys.executable, "-m", "fastddpm", "verify", *(["--device", args.device] if args.device else []),
+                *(["--threads", str(args.threads)] if args.threads else [])]
         os.execve(sys.executable, argv, {**os.environ, "TRITON_INTERPRET": "1"})
     from .verify import verify
-    if not verify(device=device):
+    if not verify(device=str(device)):
         print("fastddpm verify: error: some kernels differ from the reference beyond tolerance", file=sys.stderr)
         return 1
     return 0
-

@@ -10,6 +10,7 @@ from . import functional as F
 from . import reference as R
 from .backend import get_backend, set_backend
 from .schedule import NoiseSchedule
+from .testing import plausible_output, variance_half
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # relative-error bound ‖out − ref‖ / ‖ref‖ of one float32 computation rounded once to the dtype
@@ -49,10 +50,9 @@ def _cases(schedule):
 
     def p_sample(prediction, variance, clip):
         def run(shape, dtype):
-            channels = shape[1] * (2 if variance == "learned_range" else 1)
-            out = randn((shape[0], channels, *shape[2:]), dtype)
-            if variance == "learned_range":  # the variance half lies in [-1, 1]
-                out = out.clamp(-1, 1)
+            out = randn(shape, dtype)
+            if variance == "learned_range":
+                out = torch.cat([out, variance_half(shape, dtype=torch.float64).to(dtype)], dim=1)
             x_t, noise, t = randn(shape, dtype), randn(shape, dtype), torch.randint(0, T, (shape[0],))
             options = dict(prediction=prediction, variance=variance, clip_denoised=clip)
             return (F.p_sample_step(out, x_t, t, schedule, noise=noise, **options),
@@ -84,12 +84,8 @@ def _cases(schedule):
             x0, noise = randn(shape, dtype).clamp(-1, 1), randn(shape, dtype)
             t = torch.randint(0, T, (shape[0],))
             t[0] = 0
-            # a plausible model (eps_hat = eps + 0.3 N(0, 1)) keeps the bound's terms well conditioned
-            x_t = R.q_sample(x0.double(), t, noise.double(), schedule)
-            eps_hat = noise.double() + 0.3 * torch.randn(shape, dtype=torch.float64)
-            x0_hat = R.predict_x0_from_eps(x_t, t, eps_hat, schedule)
-            mean_half = {"eps": eps_hat, "x0": x0_hat, "v": R.v_target(x0_hat, t, eps_hat, schedule)}[prediction]
-            out = torch.cat([mean_half, torch.rand(shape, dtype=torch.float64) * 2 - 1], dim=1)
+            out = plausible_output(x0.double(), noise.double(), t, schedule, prediction=prediction,
+                                   variance="learned_range")  # keeps the bound's terms well conditioned
             out = out.to(dtype).requires_grad_()
             options = dict(prediction=prediction, loss=loss_type, reduction="none")
             return with_grad(lambda o: F.hybrid_loss(o, x0, noise, t, schedule, **options),
@@ -98,14 +94,11 @@ def _cases(schedule):
 
     def vb(prediction, variance):
         def run(shape, dtype):
-            channels = shape[1] * (2 if variance == "learned_range" else 1)
-            out = randn((shape[0], channels, *shape[2:]), dtype)
-            if variance == "learned_range":
-                out = out.clamp(-1, 1)
-            x0 = randn(shape, dtype).clamp(-1, 1)
+            x0, noise = randn(shape, dtype).clamp(-1, 1), torch.randn(shape, dtype=torch.float64)
             t = torch.randint(0, T, (shape[0],))
             t[0] = 0  # the decoder term
-            x_t = R.q_sample(x0.double(), t, torch.randn(shape, dtype=torch.float64), schedule).to(dtype)
+            out = plausible_output(x0.double(), noise, t, schedule, prediction=prediction, variance=variance).to(dtype)
+            x_t = R.q_sample(x0.double(), t, noise, schedule).to(dtype)
             options = dict(prediction=prediction, variance=variance)
             return (F.vb_terms_bpd(out, x0, x_t, t, schedule, **options),
                     R.vb_terms_bpd(out.double(), x0.double(), x_t.double(), t, schedule, **options))

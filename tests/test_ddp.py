@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm.data import BatchSampler, load_images, train_test_split
-from fastddpm.loss import DiffusionLoss
-from fastddpm.train import TrainConfig, ema_decay_at, load_checkpoint, model_from_checkpoint
-from fastddpm.train_step import TrainStep
+from fastddpm import DiffusionLoss, TrainStep
+from fastddpm.app import TrainConfig, load_checkpoint, model_from_checkpoint
+from fastddpm.app.data import BatchSampler, load_images, train_test_split
+from fastddpm.app.run import ema_decay_at
 
 WORLD = 2
 ARGS = ["--steps", "2", "--batch-size", "8", "--timesteps", "20", "--warmup", "4", "--num-samples", "4",

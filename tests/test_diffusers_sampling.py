@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import use_backend
+from helpers import use_backend
 from fastddpm import NoiseSchedule, sample
 
 diffusers = pytest.importorskip("diffusers")

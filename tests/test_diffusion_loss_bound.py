@@ -1,7 +1,7 @@
 """DiffusionLoss training on the bound: learned variance (hybrid), rescaled KL, importance-sampled t."""
 import pytest
 import torch
-from conftest import use_backend
+from helpers import use_backend
 
 from fastddpm import DiffusionLoss, LossSecondMomentSampler, NoiseSchedule
 from fastddpm import functional as F

@@ -1,7 +1,7 @@
 """Bad input to every functional op: a clear error naming the argument, on both backends."""
 import pytest
 import torch
-from conftest import use_backend
+from helpers import use_backend
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from conftest import use_backend
+from helpers import use_backend
 from fastddpm import DiffusionLoss, LossSecondMomentSampler, NoiseSchedule, elbo_bpd, sample
 from fastddpm._checks import model_tensors
 from fastddpm.sampling import _device

@@ -4,7 +4,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout, use_backend
+from helpers import SHAPES, TOLERANCES, make_layout, use_backend
 from torch._dynamo.utils import counters
 
 from fastddpm import NoiseSchedule

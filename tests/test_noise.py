@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import BF16_ULP, make_layout, use_backend
+from helpers import BF16_ULP, make_layout, use_backend
 from scipy import stats
 
 from fastddpm import NoiseSchedule

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout, use_backend
+from helpers import SHAPES, TOLERANCES, make_layout, use_backend
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F

@@ -1,7 +1,7 @@
 """The fused q-sample kernel (Triton's interpreter on CPU) against the float64 reference."""
 import pytest
 import torch
-from conftest import BF16_ULP, SHAPES, TOLERANCES, make_layout, use_backend
+from helpers import BF16_ULP, SHAPES, TOLERANCES, make_layout, use_backend
 from helpers import recorded_ops
 
 import fastddpm

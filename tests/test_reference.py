@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import relative_error
+from helpers import relative_error
 
 from fastddpm import NoiseSchedule
 from fastddpm import reference as R

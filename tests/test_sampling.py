@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, use_backend
+from helpers import TOLERANCES, use_backend
 from helpers import SYNC_OPS, recorded_calls
 
 from fastddpm import NoiseSchedule

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import use_backend
+from helpers import use_backend
 
 from fastddpm import NoiseSchedule
 from fastddpm.functional import solvers as S

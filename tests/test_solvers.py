@@ -4,7 +4,7 @@ batch 1, channels_last and strided inputs; different times per sample with the f
 in the batch; int, fractional and σ times; in-kernel noise; opcheck, torch.compile and the PTX."""
 import pytest
 import torch
-from conftest import SHAPES, TOLERANCES, make_layout, use_backend
+from helpers import SHAPES, TOLERANCES, make_layout, use_backend
 
 from fastddpm import NoiseSchedule
 from fastddpm.functional import solvers as S

@@ -2,7 +2,7 @@
 starting noise and the same per-step noise, every step compared (float32, relative 1e-5)."""
 import pytest
 import torch
-from conftest import use_backend
+from helpers import use_backend
 
 from fastddpm import NoiseSchedule
 from fastddpm.functional import solvers as S

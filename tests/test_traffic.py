@@ -246,7 +246,7 @@ def test_traffic_main_writes_rows(tmp_path, capsys):
 
 
 def test_bench_traffic_flag_adds_the_rows(monkeypatch, tmp_path):
-    from fastddpm import bench
+    from fastddpm.benchmarks import suite as bench
     from fastddpm.cli import main
 
     row = dict(op="ddim_step", provider="fastddpm", mode="forward", metric="launches", unit="launches",

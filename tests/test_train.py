@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import train as train_module
-from fastddpm.data import BatchSampler, DataError, images_from_array, load_images, train_test_split
-from fastddpm.loss import DiffusionLoss
-from fastddpm.train import (CheckpointError, NonFiniteLossError, TrainConfig, TrainingInterrupted, build_model,
-                            load_checkpoint, train)
-from fastddpm.train_step import TrainStep
+from fastddpm import DiffusionLoss, TrainStep
+from fastddpm.app import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, TrainingInterrupted,
+                          load_checkpoint, train)
+from fastddpm.app.data import BatchSampler, images_from_array, load_images, train_test_split
+from fastddpm.app.digits import digit_recognisability
+from fastddpm.app.model import build_model
+from fastddpm.app.stop import StopFlag
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,10 @@ def test_run_writes_checkpoint_samples_loss_curve_and_metrics(tmp_path):
 def test_recognisability_accepts_real_digits_and_rejects_noise():
     images, labels = load_images("digits")
     train_images, test_images, train_labels, test_labels = train_test_split(images, labels, 0.1, seed=0)
-    real = train_module.digit_recognisability(test_images, train_images, train_labels, test_images, test_labels)
+    real = digit_recognisability(test_images, train_images, train_labels, test_images, test_labels)
     assert real["samples_recognisable_fraction"] > 0.8
     noise = torch.rand(50, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fake = train_module.digit_recognisability(noise, train_images, train_labels, test_images, test_labels)
+    fake = digit_recognisability(noise, train_images, train_labels, test_images, test_labels)
     assert fake["samples_recognisable_fraction"] == 0.0
 
 
@@ -126,13 +127,32 @@ def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, digits_npy, unin
 
     monkeypatch.setattr(TrainStep, "step", step_then_interrupt)
     out = tmp_path / "run"
+    # Whatever the run found (a background job or nohup inherits SIGINT ignored) is restored.
+    found = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(TrainingInterrupted, match="interrupted at step 3"):
         quiet_train(tiny_config(out, digits_npy, log_every=4, checkpoint_every=4))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert {sig: signal.getsignal(sig) for sig in found} == found
     assert load_checkpoint(str(out))["step"] == 3
     monkeypatch.setattr(TrainStep, "step", original_step)
     quiet_train(tiny_config(out, digits_npy), resume=True)
     assert_same_state(load_checkpoint(str(out)), uninterrupted)
+
+
+@pytest.mark.parametrize("found", [signal.SIG_IGN, signal.default_int_handler])
+def test_stop_flag_catches_sigint_and_restores_the_handler_it_found(found):
+    """Ignored (a background job, nohup) or Python's default: a stop request while the run lasts,
+    the handler found afterwards; a second SIGINT interrupts as usual."""
+    before = signal.signal(signal.SIGINT, found)
+    try:
+        with StopFlag().installed() as stop:
+            assert signal.getsignal(signal.SIGINT) not in (found, signal.default_int_handler)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is found
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, digits_npy, monkeypatch):

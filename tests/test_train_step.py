@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error, use_backend
+from helpers import relative_error, use_backend
 from helpers import SYNC_OPS, recorded_calls
 from torch._dynamo.utils import counters
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import relative_error
+from helpers import relative_error
 from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from torch.utils.flop_counter import FlopCounterMode

@@ -6,13 +6,14 @@ import zlib
 
 import pytest
 import torch
-from conftest import SHAPES, make_layout, relative_error
+from helpers import SHAPES, make_layout, relative_error
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
 from fastddpm.kernels import vlb
 from fastddpm.kernels._common import interpreting
+from fastddpm.testing import plausible_eps, plausible_output, random_images, variance_half
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PREDICTIONS = ["eps", "x0", "v"]
@@ -30,7 +31,7 @@ def make_inputs(shape, dtype=torch.float32, prediction="eps", variance="fixed_sm
     spread · N(0, 1), written in `prediction`'s parameterization (keeps the decoder's bin masses
     where float64 is exact); the variance half uniform in [-1.2, 1.2]."""
     g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, prediction, variance, spread, layout)).encode()))
-    x0 = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    x0 = random_images(shape, generator=g, dtype=torch.float64)
     x0.view(-1)[::7] = 1.0
     x0.view(-1)[3::7] = -1.0
     noise = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -38,11 +39,8 @@ def make_inputs(shape, dtype=torch.float32, prediction="eps", variance="fixed_sm
         t = torch.randint(1, T, (shape[0],), generator=g)
         t[0] = 0
     x_t = R.q_sample(x0, t, noise, SCHEDULE)
-    eps_hat = noise + spread * torch.randn(shape, generator=g, dtype=torch.float64)
-    x0_hat = R.predict_x0_from_eps(x_t, t, eps_hat, SCHEDULE)
-    output = {"eps": eps_hat, "x0": x0_hat, "v": R.v_target(x0_hat, t, eps_hat, SCHEDULE)}[prediction]
-    if variance == "learned_range":
-        output = torch.cat([output, 2.4 * torch.rand(shape, generator=g, dtype=torch.float64) - 1.2], dim=1)
+    output = plausible_output(x0, noise, t, SCHEDULE, prediction=prediction, variance=variance, spread=spread,
+                              variance_bound=1.2, generator=g)
     return tuple(make_layout(x.to(dtype), layout) for x in (output, x0, x_t, noise)) + (t,)
 
 
@@ -162,12 +160,12 @@ def test_kl_terms_are_never_negative(triton_backend, variance):
     schedule = NoiseSchedule.cosine(1000)
     shape = (8, 2, 4, 4)
     g = torch.Generator().manual_seed(3)
-    x0, noise = torch.rand(shape, generator=g) * 2 - 1, torch.randn(shape, generator=g)
+    x0, noise = random_images(shape, generator=g), torch.randn(shape, generator=g)
     t = torch.tensor([1, 2, 50, 300, 700, 900, 990, 999])
     x_t = R.q_sample(x0, t, noise, schedule)
-    for output in (noise, noise + 0.3 * torch.randn(shape, generator=g)):
+    for output in (noise, plausible_eps(noise, generator=g)):
         if variance == "learned_range":
-            output = torch.cat([output, 2 * torch.rand(shape, generator=g) - 1], dim=1)
+            output = torch.cat([output, variance_half(shape, generator=g)], dim=1)
         vb = F.vb_terms_bpd(output, x0, x_t, t, schedule, variance=variance)
         assert bool((vb >= 0).all()), vb
         exact = R.vb_terms_bpd(output.double(), x0.double(), x_t.double(), t, schedule, variance=variance)

@@ -10,12 +10,10 @@ import os
 import numpy as np
 import torch
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DIGITS_MAX = 16.0  # load_digits values are integers 0..16
-
-
-class DataError(ValueError):
-    """The data set cannot be used for training (empty, mixed sizes, wrong shape or dtype)."""
 
 
 def load_digits_data():

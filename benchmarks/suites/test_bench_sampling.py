@@ -1,6 +1,6 @@
 """pytest-benchmark suite of one reverse step of the sampler (see bench_sampling.py), small sizes, CPU:
 
-    pytest benchmarks/test_bench_sampling.py --benchmark-group-by=param:dtype
+    pytest benchmarks/suites/test_bench_sampling.py --benchmark-group-by=param:dtype
 
 On CPU fastddpm runs its PyTorch path (backend "auto"), not the Triton kernels.
 """

@@ -1,9 +1,8 @@
-"""`fastddpm bench`: every hot path timed against eager PyTorch, as one table, JSON and plot.
+"""`fastddpm bench`: every hot path timed against its peers, as one table, JSON and plot.
 
 Runs the benchmark modules of `fastddpm.benchmarks` (loss, sampling step, ELBO, train step),
 each with sizes small enough on a CPU for the whole command to take about two minutes, and
-collects their long-format rows (op, provider, mode, metric, unit, shape, dtype, p50, p20,
-p80, device, torch, triton, time). The speedup of a provider is the eager baseline's median
+collects their rows (harness.FIELDS). The speedup of a provider is its case's baseline's median
 time over its own (or its images/s over the baseline's), per op, shape and dtype.
 """
 import importlib
@@ -17,8 +16,9 @@ import time
 
 import torch
 
+from . import harness
+
 BENCHMARKS = ("loss", "sampling", "elbo", "train_step")
-BASELINES = ("eager", "diffusers")  # the provider each speedup is measured against, first found
 # Per benchmark, the keyword arguments that keep it short on a CPU (passed when its run() takes them).
 CPU_OPTIONS = {
     "loss": dict(sizes=((16, 3, 32, 32),), dtypes=(torch.float32,), reps=10),
@@ -26,87 +26,26 @@ CPU_OPTIONS = {
     "elbo": dict(sizes=((16, 3, 32, 32),), dtypes=(torch.float32,), reps=5, loop_steps=10, loop_batch=2),
     "train_step": dict(preset="tiny", batch=8, steps=3),
 }
-HIGHER_IS_BETTER_UNITS = ("images/s", "GB/s", "it/s", "samples/s")
 
 
 def run_benchmark(name, device):
-    """The rows of benchmarks/bench_<name>.py on `device`, in long format."""
+    """The rows of benchmarks/bench_<name>.py on `device`."""
     module = importlib.import_module(f"fastddpm.benchmarks.bench_{name}")
     accepted = inspect.signature(module.run).parameters
     options = {"device": str(device)}
     if torch.device(device).type == "cpu":
         options.update(CPU_OPTIONS.get(name, {}))
-    rows = module.run(**{key: value for key, value in options.items() if key in accepted})
-    return [_long_format(name, row) for row in rows]
-
-
-def _long_format(name, row):
-    """Rows already in long format pass through; bench_train_step's wide rows are converted."""
-    if "metric" in row and "p50" in row:
-        return row
-    if "images_per_s" in row:
-        windows = sorted(row.get("images_per_s_windows") or [row["images_per_s"]])
-        size = row.get("image_size")
-        shape = f"{row.get('preset')} {row.get('batch')}x{size}x{size}"
-        dtype = "float32" if row.get("autocast") in (None, "none") else f"autocast {row['autocast']}"
-        return dict(op=f"{name}", provider=row["provider"], mode="full", metric="throughput", unit="images/s",
-                    shape=shape, dtype=dtype, p50=row["images_per_s"], p20=windows[0],
-                    p80=windows[-1], device=row.get("device"), torch=row.get("torch"), triton=None, time=None)
-    raise ValueError(f"bench_{name}.run returned a row this command cannot read: {sorted(row)}")
-
-
-def speedups(rows):
-    """(op, shape, dtype, mode, metric, provider, speedup) over the eager baseline of each group."""
-    groups = {}
-    for row in rows:
-        if row["metric"] not in ("time", "throughput"):
-            continue
-        key = (row["op"], row["shape"], row["dtype"], row.get("mode", ""), row["metric"])
-        groups.setdefault(key, {})[row["provider"]] = row
-    result = []
-    for key, by_provider in groups.items():
-        baseline = next((by_provider[name] for name in BASELINES if name in by_provider), None)
-        if baseline is None:
-            continue
-        for provider, row in by_provider.items():
-            if row is baseline or not row["p50"] or not baseline["p50"]:
-                continue
-            higher_better = row["unit"] in HIGHER_IS_BETTER_UNITS
-            ratio = row["p50"] / baseline["p50"] if higher_better else baseline["p50"] / row["p50"]
-            result.append((*key, provider, baseline["provider"], ratio))
-    return result
-
-
-def format_table(rows):
-    """The rows as aligned text, with each provider's speedup over the baseline."""
-    ratio = {(op, shape, dtype, mode, metric, provider): value
-             for op, shape, dtype, mode, metric, provider, _, value in speedups(rows)}
-    header = ("op", "shape", "dtype", "mode", "provider", "metric", "p50", "p20", "p80", "unit", "vs eager")
-    lines = [header]
-    for row in rows:
-        key = (row["op"], row["shape"], row["dtype"], row.get("mode", ""), row["metric"], row["provider"])
-        lines.append((row["op"], str(row["shape"]), str(row["dtype"]), str(row.get("mode", "")), row["provider"],
-                      row["metric"], _number(row["p50"]), _number(row.get("p20")), _number(row.get("p80")),
-                      row["unit"], f"{ratio[key]:.2f}x" if key in ratio else ""))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
-
-
-def _number(value):
-    if value is None:
-        return ""
-    if isinstance(value, (int, float)):
-        return f"{value:.4g}"
-    return str(value)
+    return module.run(**{key: value for key, value in options.items() if key in accepted})
 
 
 def plot_speedups(rows, path):
-    """A bar chart of the speedup over eager per op / shape / dtype (one bar per provider)."""
+    """A bar chart of the speedup over the baseline per op / shape / dtype (one bar per provider)."""
     from matplotlib.figure import Figure
 
-    entries = speedups(rows)
+    entries = harness.speedups(rows)
     if not entries:
-        raise ValueError("no speedups to plot: no benchmark row has an eager baseline")
+        raise ValueError("no speedups to plot: no benchmark row has a baseline")
+
     def label(op, shape, dtype, mode):
         return f"{op}\n{shape}\n{dtype}" + (f" {mode}" if mode not in ("", "full") else "")
 
@@ -172,15 +111,11 @@ def main(json_path=None, plot_path=None, only=None, device=None, print_fn=print,
         rows.extend(new_rows)
         print_fn(f"bench_{name}: {len(new_rows)} rows in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if rows:
-        print_fn(format_table(rows))
+        print_fn(harness.format_table(rows))
     if traffic:
         rows.extend(traffic_rows(print_fn))
     if json_path:
-        folder = os.path.dirname(json_path)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(json_path, "w") as handle:
-            json.dump(rows, handle, indent=2, default=str)
+        harness.write_json(rows, json_path)
     if plot_path and rows:
         plot_speedups(rows, plot_path)
     return 1 if failed else 0

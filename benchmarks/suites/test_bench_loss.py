@@ -1,6 +1,6 @@
 """pytest-benchmark suite of the loss path of a training step (see bench_loss.py), small sizes, CPU:
 
-    pytest benchmarks/test_bench_loss.py --benchmark-group-by=param:weighting,param:dtype
+    pytest benchmarks/suites/test_bench_loss.py --benchmark-group-by=param:weighting,param:dtype
 
 On CPU fastddpm runs its PyTorch path (backend "auto"), not the Triton kernels.
 """

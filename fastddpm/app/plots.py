@@ -1,0 +1,65 @@
+"""The run's pictures: a grid of samples and the loss curve (matplotlib, imported only here and
+only when a picture is drawn)."""
+import math
+import os
+
+import numpy as np
+
+
+def save_grid(samples, path, columns=None):
+    """A PNG grid of images in [-1, 1] (N, C, H, W), pixels kept sharp; returns the path written
+    (`path`, with .png added when it has no extension)."""
+    from matplotlib.figure import Figure
+
+    if not os.path.splitext(path)[1]:
+        path += ".png"
+    count, channels, height, width = samples.shape
+    columns = columns or int(math.ceil(math.sqrt(count)))
+    rows = int(math.ceil(count / columns))
+    pad = 1
+    canvas = np.ones((rows * (height + pad) + pad, columns * (width + pad) + pad, channels), dtype=np.float32)
+    pixels = ((samples.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = pad + row * (height + pad), pad + column * (width + pad)
+        canvas[top:top + height, left:left + width] = pixels[index]
+    scale = max(1, 512 // max(canvas.shape[:2]))
+    figure = Figure(figsize=(canvas.shape[1] * scale / 100, canvas.shape[0] * scale / 100), dpi=100)
+    axes = figure.add_axes((0, 0, 1, 1))
+    axes.axis("off")
+    if channels == 1:
+        axes.imshow(canvas[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axes.imshow(canvas[:, :, :3], interpolation="nearest")
+    _makedirs_for(path)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def save_loss_curve(history, path, window=100):
+    """The loss of every step and its running mean, on a log scale."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    steps = np.arange(1, len(history) + 1)
+    axes.plot(steps, history, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+    if len(history) >= 2:
+        window = max(1, min(window, len(history) // 5 or 1))
+        running = np.convolve(history, np.ones(window) / window, mode="valid")
+        axes.plot(steps[window - 1:], running, color="tab:blue", linewidth=2, label=f"mean of {window} steps")
+    if history and min(history) > 0:
+        axes.set_yscale("log")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    _makedirs_for(path)
+    figure.savefig(path)
+
+
+def _makedirs_for(path):
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
