@@ -17,7 +17,6 @@ from helpers import use_backend
 from fastddpm import NoiseSchedule, sample
 
 diffusers = pytest.importorskip("diffusers")
-import diffusers.schedulers.scheduling_ddim as ddim_module  # noqa: E402
 import diffusers.schedulers.scheduling_ddpm as ddpm_module  # noqa: E402
 import fastddpm.diffusers as FD  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
