@@ -93,7 +93,7 @@ def launch_config(x, num_warps=None):
     per tensor a thread (4 float32 or 8 bfloat16/float16 elements), over 8 warps unless told. The
     largest programs ptxas builds without spills for every kernel on Triton 3.2-3.9
     (scripts/triton_versions.sh): 8 float32 elements a thread spill 8-40 bytes beside the in-kernel
-    noise on some of those versions; the loss kernels take 1 warp for 2-byte types."""
+    noise on some of those versions; the loss kernels take fewer warps for 2-byte types."""
     batch, per_sample = x.shape[0], sample_numel(x)
     if batch > MAX_BATCH:
         raise ValueError(f"batch size {batch} exceeds {MAX_BATCH}, the kernels' grid limit: split the batch")

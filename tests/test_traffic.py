@@ -164,24 +164,24 @@ PINNED = {
     ("loss_simple", "diffusers"): (15, 196908),  # 64.10
     ("loss_min_snr", "fastddpm"): (5, 24920),  # 8.11 (bfloat16); floor 8
     ("loss_min_snr", "diffusers"): (36, 258172),  # 84.04
-    ("p_sample_step", "fastddpm"): (2, 37048),  # 12.06; floor 12
+    ("p_sample_step", "fastddpm"): (2, 37224),  # 12.12; floor 12
     ("p_sample_step", "diffusers"): (10, 270336),  # 88.00
     ("p_sample_step", "improved-diffusion"): (39, 409368),  # 133.26
-    ("ddim_step", "fastddpm"): (1, 37024),  # 12.05; floor 12
+    ("ddim_step", "fastddpm"): (1, 37184),  # 12.10; floor 12
     ("ddim_step", "diffusers"): (6, 172032),  # 56.00
-    ("ddim_step_eta1", "fastddpm"): (2, 37064),  # 12.07; floor 12
+    ("ddim_step_eta1", "fastddpm"): (2, 37256),  # 12.13; floor 12
     ("ddim_step_eta1", "diffusers"): (9, 245760),  # 80.00
     ("vb_terms", "fastddpm"): (2, 37040),  # 12.06; floor 12
     ("vb_terms", "improved-diffusion"): (99, 1646392),  # 535.94
-    ("dpm++2m_step", "fastddpm"): (1, 61488),  # 20.02; floor 20
+    ("dpm++2m_step", "fastddpm"): (1, 61536),  # 20.03; floor 20
     ("dpm++2m_step", "diffusers"): (10, 294912),  # 96.00
-    ("dpm++2m-sde_step", "fastddpm"): (2, 61528),  # 20.03; floor 20
+    ("dpm++2m-sde_step", "fastddpm"): (2, 61608),  # 20.05; floor 20
     ("dpm++2m-sde_step", "diffusers"): (13, 368640),  # 120.00
-    ("unipc_step", "fastddpm"): (1, 73808),  # 24.03; floor 24
+    ("unipc_step", "fastddpm"): (1, 73888),  # 24.05; floor 24
     ("unipc_step", "diffusers"): (38, 700660),  # 228.08
-    ("euler_step", "fastddpm"): (1, 49184),  # 16.01; floor 16
+    ("euler_step", "fastddpm"): (1, 49216),  # 16.02; floor 16
     ("euler_step", "diffusers"): (7, 208896),  # 68.00
-    ("euler-a_step", "fastddpm"): (2, 49224),  # 16.02; floor 16
+    ("euler-a_step", "fastddpm"): (2, 49288),  # 16.04; floor 16
     ("euler-a_step", "diffusers"): (10, 282624),  # 92.00
 }
 # The budget of each path, seed draw included: at most this many launches, and bytes per element
