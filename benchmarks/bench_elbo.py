@@ -6,7 +6,7 @@ Ops, providers in one run:
   (learned_range output, eps prediction) and the MSEs of x0_hat and eps_hat, per sample.
   fastddpm: `elbo._vb_and_mse` as the loop calls it (on CUDA the fused kernel, one pass over
   the output, x0, x_t and the noise; on CPU, under backend "auto", the reference);
-  eager: `fastddpm.reference` (the formulas of math.md section 6 as improved-diffusion
+  eager: `fastddpm.reference` (the formulas of docs/math.md section 6 as improved-diffusion
   writes them, op by op); compile: `torch.compile` (Inductor, static shapes) of that eager code.
 - `elbo_full_loop`: `elbo_bpd` over every t of a batch with a tiny U-Net
   (`UNet.from_preset("tiny")`, learned range): fastddpm (backend "auto") against the same

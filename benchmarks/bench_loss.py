@@ -17,7 +17,7 @@ The model is left out: `pred` is a fresh tensor requiring grad, standing in for 
 Metrics: time (ms; CUDA: triton.testing.do_bench; CPU: the process's CPU time over repeats
 with the providers interleaved, so that other load on the machine does not distort the
 comparison; `main` runs one thread on CPU unless told otherwise), bytes of the traffic
-model's floor (math.md section 7: read x0, write x_t, read pred, write grad: 4N for the eps
+model's floor (docs/math.md section 7: read x0, write x_t, read pred, write grad: 4N for the eps
 target) and the bandwidth that floor implies at the measured time (the same bytes for every
 provider, so GB/s ranks them as time does), peak memory on CUDA.
 
@@ -95,7 +95,7 @@ def loss_paths(schedule, weighting):
 
 
 def floor_bytes(x0):
-    """math.md section 7, eps target: read x0, write x_t, read pred, write grad."""
+    """docs/math.md section 7, eps target: read x0, write x_t, read pred, write grad."""
     return 4 * x0.numel() * x0.element_size()
 
 

@@ -13,7 +13,7 @@ Providers, in one run:
 - compile: `torch.compile` (Inductor, static shapes) of that same eager code.
 
 Metrics: time (ms; CUDA: triton.testing.do_bench, CPU: time.perf_counter over interleaved
-repeats), the bytes of the traffic floor (math.md section 7: read x_t and eps, write x_{t-1}:
+repeats), the bytes of the traffic floor (docs/math.md section 7: read x_t and eps, write x_{t-1}:
 3N), the bandwidth that floor implies at the measured time, and peak memory on CUDA.
 
     python -m fastddpm.benchmarks.bench_sampling            # CPU: small sizes, under a minute
@@ -81,7 +81,7 @@ def step_providers(schedule, device, providers=PROVIDERS):
 
 
 def floor_bytes(x):
-    """math.md section 7: read x_t and the model output, write x_{t-1}."""
+    """docs/math.md section 7: read x_t and the model output, write x_{t-1}."""
     return 3 * x.numel() * x.element_size()
 
 

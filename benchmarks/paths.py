@@ -16,7 +16,7 @@ A model output tensor stands in for the model (no model call). Providers:
 
 Options match across providers: eps prediction, fixed_small variance, x0_hat clipped to [-1, 1]
 in the DDPM step (diffusers' default clip_sample) and the vb term, not in DDIM (ddim_step's
-default; DDIMScheduler with clip_sample=False). The floor is math.md section 7's traffic of the
+default; DDIMScheduler with clip_sample=False). The floor is docs/math.md section 7's traffic of the
 fused pass, in full-tensor passes.
 """
 import contextlib

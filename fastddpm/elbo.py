@@ -69,7 +69,7 @@ def collapsed_strata_stderr(contributions):
 
 def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denoised=None, timesteps=None,
              progress=True, generator=None, model_kwargs=None, batch_timesteps=False, tanh_cdf=False, strata="log"):
-    """The negative ELBO of each image of x0 in bits/dim (math.md section 6), under `model`.
+    """The negative ELBO of each image of x0 in bits/dim (docs/math.md section 6), under `model`.
 
     `model(x_t, t, **model_kwargs)` returns the model output (2C channels for learned_range).
     Full loop (`timesteps=None`, improved-diffusion's calc_bpd_loop): t from T-1 down to 0, a

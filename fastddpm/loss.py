@@ -25,7 +25,7 @@ class NoiseState(NamedTuple):
 
 
 class DiffusionLoss(nn.Module):
-    """The DDPM training loss of math.md section 5, noise included.
+    """The DDPM training loss of docs/math.md section 5, noise included.
 
     `loss = loss_fn(model, x0, **model_kwargs)` draws t uniformly and a noise seed (from
     `generator` if given, else the global RNG, so `torch.manual_seed` makes runs

@@ -1,12 +1,12 @@
 """Every option vocabulary of the API, once: the functional ops, the modules, the samplers, the
 CLI and the kernels all check against and document these names."""
 
-PREDICTIONS = ("eps", "x0", "v")  # what the model predicts (math.md section 4)
+PREDICTIONS = ("eps", "x0", "v")  # what the model predicts (docs/math.md section 4)
 # Other libraries' names for them, accepted wherever a prediction is: diffusers' prediction_type
 # and denoising-diffusion-pytorch's objective. `canonical_prediction` is the one place they are read.
 PREDICTION_SYNONYMS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0",
                        "pred_noise": "eps", "pred_v": "v", "pred_x0": "x0"}
-WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")  # loss weights over t (math.md section 5)
+WEIGHTINGS = ("simple", "vlb", "snr", "min_snr", "p2")  # loss weights over t (docs/math.md section 5)
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")  # the reverse step's variance
 REDUCTIONS = ("mean", "sum", "none")  # over the batch
 CLIP_OPTIONS = (False, True, "dynamic")  # clip_denoised: none, [-1, 1], Imagen's dynamic threshold

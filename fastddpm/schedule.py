@@ -1,4 +1,4 @@
-"""Noise schedules: every table of math.md section 1, built once in float64."""
+"""Noise schedules: every table of docs/math.md section 1, built once in float64."""
 import math
 import warnings
 from collections.abc import Mapping
@@ -30,7 +30,7 @@ PREDICTION_ROWS = ("x0_xt", "x0_out", "eps_xt", "eps_out", "target_eps", "target
 
 
 class NoiseSchedule:
-    """A DDPM noise schedule of `T` steps, `t = 0 … T-1` (math.md sections 1-2).
+    """A DDPM noise schedule of `T` steps, `t = 0 … T-1` (docs/math.md sections 1-2).
 
     Every table is a float64 CPU tensor named as in improved-diffusion. Kernels read
     float32 copies from `kernel_table(device)`, built once per device and cached. `defaults`: the
@@ -174,7 +174,7 @@ class NoiseSchedule:
 
     def prediction_table(self, prediction, device):
         """float32 (len(PREDICTION_ROWS), T) coefficients of x0_hat, eps_hat and the training target
-        for a model predicting `prediction` (math.md section 4), on `device`; cached.
+        for a model predicting `prediction` (docs/math.md section 4), on `device`; cached.
 
         eps: x0_hat = sqrt_recip_ab x_t - sqrt_recipm1_ab out; x0: eps_hat = (x_t - sqrt_ab out) /
         sqrt_1m_ab (finite where ab = 0); v: x0_hat = sqrt_ab x_t - sqrt_1m_ab out, eps_hat =
@@ -195,7 +195,7 @@ class NoiseSchedule:
         return table
 
     def loss_weights(self, weighting="simple", prediction="eps", gamma=5.0):
-        """float64 table over t of the weight on the MSE of `prediction` (math.md section 5).
+        """float64 table over t of the weight on the MSE of `prediction` (docs/math.md section 5).
 
         `weighting`: "simple", "vlb", "snr", "min_snr", "p2", or a user tensor of length T
         (used as given). "simple" is the plain MSE of whatever is predicted. "vlb", "snr"

@@ -1,5 +1,5 @@
 """Fused training on the variational bound: improved DDPM's hybrid loss and the rescaled KL,
-forward and gradient in one pass (math.md sections 5 and 6).
+forward and gradient in one pass (docs/math.md sections 5 and 6).
 
 Per sample b with timestep t, the output split into a mean half `out` and (learned_range) a
 variance half `v`, x_t = sqrt_ab x0 + sqrt_1m_ab eps rebuilt in the kernel (rounded once to

@@ -1,4 +1,4 @@
-"""Fused diffusion training loss (math.md section 5), its gradient and its batch reduction in one launch.
+"""Fused diffusion training loss (docs/math.md section 5), its gradient and its batch reduction in one launch.
 
 Per sample b: L_b = w[t] · mean((pred - target)²), target = a[t] eps + c[t] x0 with (a, c) =
 (1, 0) for eps, (0, 1) for x0, (sqrt_ab, -sqrt_1m_ab) for v, gathered from the kernel table; w
@@ -14,7 +14,7 @@ place, each program returning at once where grad_output is exactly 1 (the usual
 
 Bytes per element (N = one full tensor), eps prediction with the noise regenerated from
 q-sample's seed (`standard_normal`, bit-identical to what q-sample added): read pred, write grad
-(2N, the floor of math.md section 7); a given noise tensor adds 1N; x0 and v targets add 1N to
+(2N, the floor of docs/math.md section 7); a given noise tensor adds 1N; x0 and v targets add 1N to
 read x0; the x0 target reads no noise. Backward: 0N when grad_output is 1, else 2N.
 
 Two ways in, the same kernels: eager calls go through a plain `torch.autograd.Function` (the

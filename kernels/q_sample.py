@@ -1,4 +1,4 @@
-"""Fused q-sample (math.md section 3): x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps.
+"""Fused q-sample (docs/math.md section 3): x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps.
 
 Bytes per element: read x0, read eps or draw it in the kernel, write x_t (2N with drawn noise,
 the floor), plus N if the drawn noise is asked for. With DRAW_T the timesteps come from the

@@ -1,4 +1,4 @@
-"""Fused variational-bound terms in bits per dimension (math.md section 6).
+"""Fused variational-bound terms in bits per dimension (docs/math.md section 6).
 
 Per sample b with timestep t, in one pass over the model output, x0 and x_t:
 

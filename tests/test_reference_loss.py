@@ -61,7 +61,7 @@ def test_min_snr_loss_is_diffusers_text_to_image(reference_backend, scheduler, p
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_simple_eps_loss_is_mse_loss(reference_backend, reduction):
-    """math.md section 5: with w = 1 and eps prediction, exactly F.mse_loss(pred, eps) (the mean)."""
+    """docs/math.md section 5: with w = 1 and eps prediction, exactly F.mse_loss(pred, eps) (the mean)."""
     pred, x0, noise, t = batch()
     ours = F.diffusion_loss(pred, x0, noise, t, NoiseSchedule.linear(1000), reduction=reduction)
     expected = torch_F.mse_loss(pred, noise) * (pred.shape[0] if reduction == "sum" else 1)
@@ -72,7 +72,7 @@ def test_simple_eps_loss_is_mse_loss(reference_backend, reduction):
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_vlb_weighted_loss_is_the_kl_term_in_nats(backend, prediction):
     """For fixed_small and t >= 1, w_vlb[t] · MSE = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) / D,
-    whatever the parameterization (math.md section 5), on the CPU path and on the kernel."""
+    whatever the parameterization (docs/math.md section 5), on the CPU path and on the kernel."""
     schedule = NoiseSchedule.cosine(1000)
     _, x0, noise, _ = batch((5, 3, 6, 6))
     eps_hat = plausible_eps(noise)

@@ -180,7 +180,7 @@ def optimal_eps_model(schedule):
 
 def sampler_law(schedule, kept, method, eta=0.0):
     """The exact law N(mean, std²) of the sampler's output with the optimal model: every step is
-    affine in x_t plus Gaussian noise, so mean and variance follow in float64 from math.md section 4
+    affine in x_t plus Gaussian noise, so mean and variance follow in float64 from docs/math.md section 4
     with the kept subsequence's alphas_cumprod (independently of fastddpm's respace)."""
     ab_all, m, s2 = schedule.alphas_cumprod, DATA_MEAN, DATA_STD ** 2
     order = sorted(kept, reverse=True)

@@ -185,7 +185,7 @@ PINNED = {
     ("euler-a_step", "diffusers"): (10, 282624),  # 92.00
 }
 # The budget of each path, seed draw included: at most this many launches, and bytes per element
-# within 2% of the floor (math.md section 7) once the per-program scalars (t, coefficients, the
+# within 2% of the floor (docs/math.md section 7) once the per-program scalars (t, coefficients, the
 # seed) are negligible, as at CIFAR-10 sizes.
 BUDGET = {"loss_simple": 5, "loss_min_snr": 5, "p_sample_step": 3, "ddim_step": 3, "ddim_step_eta1": 3,
           "vb_terms": 3, "dpm++2m_step": 1, "dpm++2m-sde_step": 2, "unipc_step": 1, "euler_step": 1,

@@ -1,6 +1,6 @@
 """The fused variational-bound kernels (kernels/vlb.py, kernels/hybrid.py; Triton's interpreter
 on CPU) against the float64 reference, the decoder against exact tail probabilities, and the
-tanh option against improved-diffusion's formulas (written here from math.md section 6)."""
+tanh option against improved-diffusion's formulas (written here from docs/math.md section 6)."""
 import math
 import zlib
 

@@ -15,7 +15,7 @@ from ._args import check_loss_options, check_noise_or_seed
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
                    reduction="mean", seed=None):
-    """The weighted MSE of math.md section 5: mean over the batch of w[t_b] · mean((pred - target)²).
+    """The weighted MSE of docs/math.md section 5: mean over the batch of w[t_b] · mean((pred - target)²).
 
     reduction "none" returns the per-sample vector (float32, float64 for float64 inputs).
     Give the noise either as a tensor, or as `noise=None, seed=s` with `s` the seed given to

@@ -1,4 +1,4 @@
-"""The pure-PyTorch implementation of every formula of math.md: the ground truth for the
+"""The pure-PyTorch implementation of every formula of docs/math.md: the ground truth for the
 kernels and the default path on CPU.
 
 Inputs of any float dtype; the math runs in float64 for float64 inputs and in float32
@@ -33,7 +33,7 @@ def upcast(x, like):
 
 
 def q_sample(x0, t, noise, schedule):
-    """x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps (math.md section 3)."""
+    """x_t = sqrt_ab[t] x0 + sqrt_1m_ab[t] eps (docs/math.md section 3)."""
     x_t = torch.addcmul(gather(schedule.sqrt_alphas_cumprod, t, x0) * upcast(x0, x0),
                         gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0), upcast(noise, x0))
     return x_t.to(x0.dtype)
@@ -80,7 +80,7 @@ def v_target(x0, t, noise, schedule):
 
 
 def training_target(x0, t, noise, schedule, prediction):
-    """a[t] eps + c[t] x0 for the given prediction (math.md section 5), compute dtype."""
+    """a[t] eps + c[t] x0 for the given prediction (docs/math.md section 5), compute dtype."""
     if prediction == "eps":
         return upcast(noise, x0)
     if prediction == "x0":
@@ -98,7 +98,7 @@ def split_model_output(model_output, x_t, variance):
 def process_x0(x0_hat, clip_denoised):
     """Optional clip to [-1, 1] (True) or Imagen's dynamic thresholding ("dynamic")."""
     if clip_denoised == "dynamic":
-        # A per-sample quantile: torch.quantile over the flattened sample (math.md section 4).
+        # A per-sample quantile: torch.quantile over the flattened sample (docs/math.md section 4).
         s = torch.quantile(x0_hat.abs().flatten(1), DYNAMIC_THRESHOLD_PERCENTILE, dim=1)
         s = s.clamp(min=1.0).reshape(-1, *([1] * (x0_hat.ndim - 1)))
         return x0_hat.clamp(-s, s) / s
@@ -148,7 +148,7 @@ def _p_mean_log_variance(model_output, x_t, t, schedule, prediction, variance, c
 
 
 def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", variance="fixed_small", clip_denoised=False):
-    """(mean, variance, log_variance, x0_hat) of the reverse step (math.md section 4)."""
+    """(mean, variance, log_variance, x0_hat) of the reverse step (docs/math.md section 4)."""
     mean, log_var, x0_hat = _p_mean_log_variance(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
     dtype = x_t.dtype
     return mean.to(dtype), log_var.exp().to(dtype), log_var.to(dtype), x0_hat.to(dtype)
@@ -198,7 +198,7 @@ def reduce_per_sample(per_sample, reduction):
 
 def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
                    reduction="mean"):
-    """L_b = w[t_b] mean((pred - target)²), reduced over the batch (math.md section 5).
+    """L_b = w[t_b] mean((pred - target)²), reduced over the batch (docs/math.md section 5).
 
     The result is float32 (float64 for float64 inputs) whatever the prediction's dtype.
     """
@@ -246,7 +246,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales, *, tanh_cdf=False)
 def vb_terms_bpd(model_output, x0, x_t, t, schedule, *, prediction="eps", variance="fixed_small",
                  clip_denoised=False, tanh_cdf=False):
     """Per sample, in bits per dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t >= 1,
-    the decoder NLL -log p(x0 | x_1) for t = 0 (math.md section 6)."""
+    the decoder NLL -log p(x0 | x_1) for t = 0 (docs/math.md section 6)."""
     true_mean, _, true_log_var = q_posterior(upcast(x0, x_t), upcast(x_t, x_t), t, schedule)
     mean, log_var, _ = _p_mean_log_variance(upcast(model_output, x_t), upcast(x_t, x_t), t, schedule,
                                             prediction, variance, clip_denoised)
@@ -285,7 +285,7 @@ def prior_bpd(x0, schedule):
 def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weighting="simple", gamma=5.0,
                 vlb_weight=None, reduction="mean", loss="hybrid", variance="learned_range", tanh_cdf=False,
                 return_terms=False):
-    """Training on the bound (math.md section 6), per sample b:
+    """Training on the bound (docs/math.md section 6), per sample b:
 
     loss="hybrid" (improved DDPM, variance="learned_range"): w[t] mean((out - target)²) +
     vlb_weight · vb_t, the vb term computed with the mean half detached, so that it trains only
