@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=("$@")
 [ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(3.2.0 3.3.1 3.4.0 3.5.1 3.6.0 3.7.1 3.8.0 3.9.0)
-TESTS=${TESTS:-"tests/test_q_sample.py tests/test_loss.py tests/test_posterior.py tests/test_vlb.py
+TESTS=${TESTS:-"tests/test_q_sample.py tests/test_loss.py tests/test_posterior.py tests/test_vlb.py tests/test_solver_ops.py
                 tests/test_noise.py tests/test_aot.py"}
 PTX_TESTS="compiles_for_gpus or test_aot"  # the tests that call tests/aot.py
 export TRITON_INTERPRET=1 TRITON_DEFAULT_FP_FUSION=1  # 3.9 warns on every compile without the latter
