@@ -73,12 +73,16 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
             tl.store(grad_ptr + out_offs + variance_shift, (vb_scale * d_var_out).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def hybrid_launch_config(x0):
+    """launch_config, 1 warp for 2-byte types: 8-16 spill bytes at 2 or more warps on Triton 3.3 and 3.6."""
+    return launch_config(x0, num_warps=1 if x0.element_size() == 2 else None)
+
+
 def vlb_loss_forward(model_output, x0, noise, t, table, pred_table, mse_weights, seed, vlb_weight, hybrid, learned,
                      fixed_log_var_row, tanh_cdf, channels_last, compute_grad):
     """Launch on kernel-layout tensors. Returns per-sample (loss, unweighted MSE, vb bits/dim) and the
     gradient of sum_b loss_b w.r.t. the model output (empty unless compute_grad)."""
-    # 1 warp for 2-byte types: 8 spill bytes at 2 and 4 warps on Triton 3.6 (sm_80)
-    grid, block, num_warps = launch_config(x0, num_warps=1 if x0.element_size() == 2 else None)
+    grid, block, num_warps = hybrid_launch_config(x0)
     per_sample = sample_numel(x0)
     C, HW = channel_sizes(x0, channels_last)
     partials = torch.empty((2, x0.shape[0], grid[0]), device=x0.device, dtype=torch.float32)

@@ -104,13 +104,14 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
     x0, eps = denoise(x, out, table_ptr, pred_table_ptr, scale_ptr, sample, t, T, CLIP, EPS_FROM_OUTPUT)
+    if ADD_NOISE:  # drawn here, between the loads and the step's math: no spill on Triton 3.2-3.9
+        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     ab = tl.load(table_ptr + AB * T + t)
     ab_prev = tl.where(t_prev >= 0, tl.load(table_ptr + AB * T + tl.maximum(t_prev, 0)), 1.0)
     sigma = eta * tl.sqrt_rn((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt_rn(1.0 - ab / ab_prev)
     x_prev = tl.sqrt_rn(ab_prev) * x0 + tl.sqrt_rn(tl.maximum(1.0 - ab_prev - sigma * sigma, 0.0)) * eps
     if ADD_NOISE:
-        x_prev += sigma * step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
-                                     DRAW_NOISE, CHANNELS_LAST, BLOCK)
+        x_prev += sigma * z
     tl.store(x_prev_ptr + base + offs, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     if STORE_X0:
         tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)

@@ -363,11 +363,13 @@ def test_compiles_for_gpus_with_vector_accesses():
     from aot import assert_fast_ptx
 
     from fastddpm.kernels._common import launch_config
+    from fastddpm.kernels.hybrid import hybrid_launch_config
 
     specs, loads, stores = [], [], []
     for dtype in ("float32", "bfloat16"):
         data = "*" + AOT_DTYPES[dtype]
-        _, block, num_warps = launch_config(torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta"))
+        like = torch.empty(8, 3, 32, 32, dtype=getattr(torch, dtype), device="meta")
+        _, block, num_warps = launch_config(like)
         per_thread = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16  # 16-byte accesses
         specs.append(dict(
             module="fastddpm.kernels.vlb", kernel="vb_terms_kernel", num_warps=num_warps,
@@ -380,6 +382,8 @@ def test_compiles_for_gpus_with_vector_accesses():
             divisible=["out_ptr", "x0_ptr", "x_t_ptr", "noise_ptr", "grad_ptr", "D"]))
         loads.append(5 * per_thread)  # both output halves, x0, x_t, noise
         stores.append(0)
+        _, block, num_warps = hybrid_launch_config(like)
+        per_thread = block // (32 * num_warps) * getattr(torch, dtype).itemsize // 16
         specs.append(dict(
             module="fastddpm.kernels.hybrid", kernel="vlb_loss_kernel", num_warps=num_warps,
             signature={"out_ptr": data, "x0_ptr": data, "noise_ptr": data, "t_ptr": "*i64", "seed_ptr": "*i64",
