@@ -63,10 +63,31 @@ def _enable_interpreter_asserts():
     interpreter.interpreter_builder.options = dataclasses.replace(options, **changes)
 
 
+def _squeeze_interpreter_index():
+    """Triton 3.2-3.6's interpreter reads a tensor used as a loop bound (`finish_reduction`'s
+    loops to tl.num_programs) as int() of a one-element array, which NumPy 2.4 rejects; 3.7
+    squeezes the array first. Do as 3.7 does."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patch_squeezed(tensor, *scope):
+        patch(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    interpreter._patch_lang_tensor = patch_squeezed
+
+
 # Every kernel that gathers by a caller's timestep is launched with these options. The
 # interpreter takes no such launch options (Triton 3.2 rejects them): it gets its asserts here.
 if interpreting():
     _enable_interpreter_asserts()
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+        _squeeze_interpreter_index()
     CHECKED = {}
 else:
     CHECKED = _checked_launch_options()
