@@ -51,16 +51,28 @@ def sigma_at(t_ptr, sample, table_ptr, T, TIME: tl.constexpr, END: tl.constexpr)
     that no gather reads out of bounds."""
     if TIME == 0:
         sigma = tl.load(t_ptr + sample).to(tl.float32)
-        tl.device_assert((sigma < float("inf")) & ((sigma > 0) | (END & (sigma == 0))),
+        if END:  # constexpr branches: Triton 3.2's interpreter cannot broadcast a constexpr bool
+            valid = sigma >= 0
+        else:
+            valid = sigma > 0
+        tl.device_assert((sigma < float("inf")) & valid,
                          "a step's sigma must be finite and > 0 (t_prev's: >= 0)")
     elif TIME == 1:
         t = tl.load(t_ptr + sample)
-        tl.device_assert((t < T) & ((t >= 0) | (END & (t == -1))),
+        if END:
+            valid = (t >= 0) | (t == -1)
+        else:
+            valid = t >= 0
+        tl.device_assert((t < T) & valid,
                          "a step's timesteps must lie in [0, T) (t_prev: -1 for the end)")
         sigma = tl.where(t >= 0, table_sigma(table_ptr, tl.minimum(tl.maximum(t, 0), T - 1), T), 0.0)
     else:
         t = tl.load(t_ptr + sample).to(tl.float32)
-        tl.device_assert((t <= T - 1.0) & ((t >= 0) | (END & (t == -1.0))),
+        if END:
+            valid = (t >= 0) | (t == -1.0)
+        else:
+            valid = t >= 0
+        tl.device_assert((t <= T - 1.0) & valid,
                          "a step's fractional timesteps must lie in [0, T - 1] (t_prev: -1 for the end)")
         low = tl.minimum(tl.maximum(t, 0.0), T - 2.0).to(tl.int32)  # floor, as t >= 0
         low_sigma = table_sigma(table_ptr, low, T)
