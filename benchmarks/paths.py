@@ -19,7 +19,6 @@ in the DDPM step (diffusers' default clip_sample) and the vb term, not in DDIM (
 default; DDIMScheduler with clip_sample=False). The floor is docs/math.md section 7's traffic of the
 fused pass, in full-tensor passes.
 """
-import contextlib
 import dataclasses
 import math
 
@@ -61,19 +60,9 @@ class Case:
         return self.floor_passes * self.dtype.itemsize
 
 
-@contextlib.contextmanager
-def backend(name):
-    previous = fastddpm.get_backend()
-    fastddpm.set_backend(name)
-    try:
-        yield
-    finally:
-        fastddpm.set_backend(previous)
-
-
 def on_backend(name, fn):
     def step():
-        with backend(name):
+        with fastddpm.use_backend(name):
             return fn()
     return step
 

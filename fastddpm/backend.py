@@ -4,8 +4,10 @@
 "triton": the kernels everywhere; CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter).
 "torch": PyTorch everywhere ("reference", its name in fastddpm 0.1, is accepted for it).
 Float64 inputs run the float64 reference (fastddpm.reference) whatever the backend. The
-environment variable FASTDDPM_BACKEND sets the starting value.
+environment variable FASTDDPM_BACKEND sets the starting value; `use_backend(name)` sets it for a
+with-block.
 """
+import contextlib
 import os
 
 BACKENDS = ("auto", "triton", "torch")
@@ -22,6 +24,17 @@ def set_backend(name):
 
 def get_backend():
     return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """`set_backend(name)` for the body of a with-block; the previous backend is restored after it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 # Set at import, not on first use: a value that changes after torch.compile traced it recompiles.

@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from helpers import use_backend  # noqa: E402
+from fastddpm import NoiseSchedule, use_backend  # noqa: E402
 
 
 def pytest_configure(config):
@@ -22,6 +22,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    """Ho et al.'s linear schedule over T = 1000 steps, unless a module defines its own."""
+    return NoiseSchedule.linear(1000)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 import torch
 from helpers import SHAPES, TOLERANCES, make_layout, use_backend
 
-from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm import reference as R
 
@@ -17,10 +16,6 @@ CLIPS = [False, True, "dynamic"]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 T = 1000
 
-
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
 
 
 @pytest.fixture(autouse=True)

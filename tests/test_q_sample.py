@@ -152,6 +152,20 @@ def test_set_backend_rejects_unknown_names():
         fastddpm.set_backend("cuda")
 
 
+def test_use_backend_restores_the_previous_backend_even_after_an_error(schedule):
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    before = fastddpm.get_backend()
+    with pytest.raises(ValueError, match="t must"):
+        with fastddpm.use_backend("torch"):
+            assert fastddpm.get_backend() == "torch"
+            fastddpm.functional.q_sample(x0, torch.tensor([0, 1000]), torch.randn_like(x0), schedule)
+    assert fastddpm.get_backend() == before
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastddpm.use_backend("cuda"):
+            pass
+    assert fastddpm.get_backend() == before
+
+
 # -- bad input: every argument, on both paths --------------------------------------------------
 
 

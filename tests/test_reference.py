@@ -16,11 +16,6 @@ def rand(*shape, dtype=torch.float64, generator=None):
     return torch.randn(*shape, dtype=dtype, generator=generator)
 
 
-@pytest.fixture
-def schedule():
-    return NoiseSchedule.linear(1000)
-
-
 def test_eps_form_and_coefficient_form_of_the_mean_agree(schedule):
     x_t, eps = rand(4, 3, 5, 5), rand(4, 3, 5, 5)
     t = torch.tensor([0, 1, 500, 999])

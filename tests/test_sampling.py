@@ -16,10 +16,6 @@ from fastddpm import respace, sample, space_timesteps
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
-
 
 @pytest.fixture(autouse=True)
 def seeded():

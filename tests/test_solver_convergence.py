@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import use_backend
 
-from fastddpm import NoiseSchedule
 from fastddpm.functional import solvers as S
 from fastddpm.reference import solvers as RS
 from fastddpm import sample
@@ -16,13 +15,6 @@ MU, S_DATA = 0.3, 0.5
 # Triton's interpreter (numpy) warns on log(0) = -inf, the λ of the final σ = 0
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
-
-T = 1000
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
 
 
 def denoised(x_t, sigma):

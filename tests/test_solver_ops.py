@@ -5,7 +5,6 @@ import torch
 from helpers import SYNC_OPS, recorded_calls
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 from fastddpm.functional import solvers as S
 from fastddpm.reference import solvers as RS
@@ -17,13 +16,7 @@ from fastddpm.guidance import ClassifierFreeGuidance
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
 
-T = 1000
 SHAPE = (2, 3, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
 
 
 @pytest.fixture(autouse=True)

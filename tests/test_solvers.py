@@ -20,10 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
-
 
 @pytest.fixture(autouse=True)
 def seeded():

@@ -4,7 +4,6 @@ import pytest
 import torch
 from helpers import use_backend
 
-from fastddpm import NoiseSchedule
 from fastddpm.functional import solvers as S
 from fastddpm import timesteps as TS
 from fastddpm import sample
@@ -19,10 +18,6 @@ SHAPE = (B, 3, 4, 5)
 PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 TOLERANCE = 1e-5
 
-
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
 
 
 def tiny_model(seed=0):

@@ -14,10 +14,6 @@ STEPS = [1, 7, 10, 25, 50]
 OFFSETS = [0, 1]
 
 
-@pytest.fixture(scope="module")
-def schedule():
-    return NoiseSchedule.linear(T)
-
 
 def scheduler(name, **config):
     cls = getattr(diffusers, name)
