@@ -25,53 +25,22 @@ from fastddpm import NoiseSchedule
 from fastddpm import functional as F
 
 from . import harness
+from .improved_diffusion import TABLES, GaussianDiffusion
 
 FULL_SIZES = ((256, 3, 32, 32), (16, 3, 256, 256))
 CPU_SIZES = ((32, 3, 32, 32), (2, 3, 128, 128))
 DTYPES = (torch.float32, torch.bfloat16)
 PROVIDERS = ("fastddpm", "eager", "compile")
-TABLES = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-          "posterior_mean_coef2", "posterior_variance", "posterior_log_variance_clipped")
-
-
-def improved_diffusion_p_sample(model_output, x, t, tables, clip_denoised=True):
-    """improved-diffusion's p_sample (eps prediction, fixed_small), op by op, with the helpers it
-    calls (their unused outputs included: they cost gathers, which matter where launches dominate)."""
-    def extract(name):  # _extract_into_tensor: gather, float32, broadcast to the full shape
-        values = tables[name][t].float()
-        while values.ndim < x.ndim:
-            values = values[..., None]
-        return values.expand(x.shape)
-
-    def q_posterior_mean_variance(x_start, x_t):
-        mean = extract("posterior_mean_coef1") * x_start + extract("posterior_mean_coef2") * x_t
-        return mean, extract("posterior_variance"), extract("posterior_log_variance_clipped")
-
-    def p_mean_variance():
-        variance, log_variance = extract("posterior_variance"), extract("posterior_log_variance_clipped")
-        pred_xstart = extract("sqrt_recip_alphas_cumprod") * x - extract("sqrt_recipm1_alphas_cumprod") * model_output
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = q_posterior_mean_variance(pred_xstart, x)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
-
-    out = p_mean_variance()
-    noise = torch.randn_like(x)
-    nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-    sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-    return sample.to(x.dtype)
-
-
 def step_providers(schedule, device, providers=PROVIDERS):
     """{provider: fn(model_output, x_t, t) -> x_{t-1}}."""
-    tables = {name: getattr(schedule, name).to(device) for name in TABLES}
+    peer = GaussianDiffusion({name: getattr(schedule, name).to(device) for name in TABLES})
 
     def fastddpm(model_output, x, t):
         return F.p_sample_step(model_output, x, t, schedule, prediction="eps", variance="fixed_small",
                                clip_denoised=True)
 
     def eager(model_output, x, t):
-        return improved_diffusion_p_sample(model_output, x, t, tables)
+        return peer.p_sample(model_output, x, t)
 
     fns = {"fastddpm": fastddpm, "eager": eager}
     if "compile" in providers:

@@ -10,8 +10,8 @@ A model output tensor stands in for the model (no model call). Providers:
   and the real `DDPMScheduler.step` / `DDIMScheduler.step`, one timestep for the batch, the
   scheduler set up as its pipelines do (`set_timesteps(1000)` for DDPM, 50 for DDIM); its
   tables and per-step scalars stay on the host (`Step.host`).
-- improved-diffusion: `GaussianDiffusion.p_sample` (`bench_sampling.improved_diffusion_p_sample`)
-  and `_vb_terms_bpd` (below, clip_denoised=True as its bits/dim evaluation): its tables are
+- improved-diffusion: `GaussianDiffusion.p_sample` (transcribed in benchmarks/improved_diffusion.py)
+  and `_vb_terms_bpd` (clip_denoised=True as its bits/dim evaluation): its tables are
   float64 numpy arrays on the host, copied to the device at every gather (`Step.host`).
 
 Options match across providers: eps prediction, fixed_small variance, x0_hat clipped to [-1, 1]
@@ -20,7 +20,6 @@ default; DDIMScheduler with clip_sample=False). The floor is docs/math.md sectio
 fused pass, in full-tensor passes.
 """
 import dataclasses
-import math
 
 import torch
 
@@ -30,6 +29,7 @@ from fastddpm import functional as F
 from fastddpm.loss import DiffusionLoss
 
 from . import bench_loss, bench_sampling
+from .improved_diffusion import TABLES, GaussianDiffusion
 
 SIZE = (16, 3, 32, 32)
 T = 1000
@@ -123,7 +123,7 @@ def p_sample_build(size, dtype):
                "diffusers": Step(lambda: scheduler.step(output, timestep, x).prev_sample,
                                  _host_state(scheduler, timestep)),
                "improved-diffusion": Step(lambda: steps["eager"](output, x, t),
-                                          tuple(getattr(schedule, name) for name in bench_sampling.TABLES))}
+                                          tuple(getattr(schedule, name) for name in TABLES))}
 
 
 def ddim_build(eta):
@@ -150,74 +150,20 @@ def ddim_build(eta):
 
 # -- the variational bound's term ------------------------------------------------------------
 
-VB_TABLES = ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "posterior_log_variance_clipped",
-             "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
-
-
-def improved_diffusion_vb_terms_bpd(model_output, x_start, x_t, t, tables, clip_denoised=True):
-    """improved-diffusion's GaussianDiffusion._vb_terms_bpd (eps prediction, fixed_small), op by op,
-    with the helpers it calls (losses.normal_kl, discretized_gaussian_log_likelihood, mean_flat).
-    `tables`: float64 host tensors (its numpy arrays)."""
-    def extract(name):  # _extract_into_tensor: to the device, gather, float32, broadcast to the full shape
-        values = tables[name].to(device=t.device)[t].float()
-        while values.ndim < x_t.ndim:
-            values = values[..., None]
-        return values.expand(x_t.shape)
-
-    def q_posterior_mean_variance(x_start, x_t):
-        mean = extract("posterior_mean_coef1") * x_start + extract("posterior_mean_coef2") * x_t
-        return mean, extract("posterior_variance"), extract("posterior_log_variance_clipped")
-
-    def p_mean_variance():
-        variance, log_variance = extract("posterior_variance"), extract("posterior_log_variance_clipped")
-        pred_xstart = extract("sqrt_recip_alphas_cumprod") * x_t - extract("sqrt_recipm1_alphas_cumprod") * model_output
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = q_posterior_mean_variance(pred_xstart, x_t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
-
-    def normal_kl(mean1, logvar1, mean2, logvar2):
-        return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                      + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
-
-    def approx_standard_normal_cdf(x):
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
-
-    def discretized_gaussian_log_likelihood(x, means, log_scales):
-        centered_x = x - means
-        inv_stdv = torch.exp(-log_scales)
-        cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
-        cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
-        log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-        log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-        cdf_delta = cdf_plus - cdf_min
-        return torch.where(x < -0.999, log_cdf_plus,
-                           torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
-
-    def mean_flat(tensor):
-        return tensor.mean(dim=list(range(1, len(tensor.shape))))
-
-    true_mean, _, true_log_variance_clipped = q_posterior_mean_variance(x_start, x_t)
-    out = p_mean_variance()
-    kl = mean_flat(normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])) / math.log(2.0)
-    decoder_nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
-    decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
-    return torch.where((t == 0), decoder_nll, kl)
-
 
 def vb_build(size, dtype):
     schedule = NoiseSchedule.linear(T)
     x0, output, t = _inputs(size, dtype)
     x_t = fastddpm.reference.q_sample(x0, t, torch.randn_like(x0), schedule)
-    tables = {name: getattr(schedule, name) for name in VB_TABLES}
+    peer = GaussianDiffusion({name: getattr(schedule, name) for name in TABLES}, copy=True)
 
     def fastddpm_vb():
         return F.vb_terms_bpd(output, x0, x_t, t, schedule, clip_denoised=True)
 
     return x0, {"fastddpm": Step(on_backend("triton", fastddpm_vb)),
                 "reference": Step(on_backend("reference", fastddpm_vb)),
-                "improved-diffusion": Step(lambda: improved_diffusion_vb_terms_bpd(output, x0, x_t, t, tables),
-                                           tuple(tables.values()))}
+                "improved-diffusion": Step(lambda: peer.vb_terms_bpd(output, x0, x_t, t),
+                                           tuple(peer.tables.values()))}
 
 
 # -- few-step solvers: one step in the middle of a 20-step run, the history filled -----------------

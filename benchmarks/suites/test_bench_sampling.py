@@ -9,7 +9,8 @@ import torch
 
 from fastddpm import NoiseSchedule
 from fastddpm import functional as F
-from fastddpm.benchmarks.bench_sampling import PROVIDERS, improved_diffusion_p_sample, run, step_providers
+from fastddpm.benchmarks.bench_sampling import PROVIDERS, run, step_providers
+from fastddpm.benchmarks.improved_diffusion import TABLES, GaussianDiffusion
 from fastddpm.benchmarks.harness import FIELDS
 
 SIZE = (8, 3, 32, 32)
@@ -31,11 +32,9 @@ def test_eager_baseline_is_the_same_step():
     """The improved-diffusion-style step computes what functional.p_sample_step does (same noise)."""
     x, model_output = torch.randn(SIZE), torch.randn(SIZE)
     t = torch.tensor([0, 1, 2, 10, 100, 500, 900, 999])
-    tables = {name: getattr(SCHEDULE, name) for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-                                                         "posterior_mean_coef1", "posterior_mean_coef2",
-                                                         "posterior_variance", "posterior_log_variance_clipped")}
+    peer = GaussianDiffusion({name: getattr(SCHEDULE, name) for name in TABLES})
     torch.manual_seed(3)
-    eager = improved_diffusion_p_sample(model_output, x, t, tables)
+    eager = peer.p_sample(model_output, x, t)
     torch.manual_seed(3)
     noise = torch.randn_like(x)
     ours = F.p_sample_step(model_output, x, t, SCHEDULE, noise=noise, clip_denoised=True)
