@@ -14,6 +14,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -22,6 +23,15 @@ FIELDS = ("op", "provider", "mode", "metric", "unit", "shape", "dtype", "p50", "
           "triton", "time")
 BASELINES = ("eager", "diffusers")  # the provider each speedup is measured against, first found
 HIGHER_IS_BETTER_UNITS = ("images/s", "GB/s", "it/s", "samples/s")
+
+
+def rerun_with_interpreter(module, argv, interpret=True):
+    """Run `python -m module argv` again in this process with Triton's interpreter on (or off),
+    unless it already is: the choice must be made before triton is imported, which importing
+    fastddpm does."""
+    if (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")) != interpret:
+        os.execve(sys.executable, [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0"})
 
 
 def resolve_device(device):

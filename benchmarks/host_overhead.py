@@ -201,17 +201,13 @@ def format_table(times, launches, per_launch):
 def main(argv=None):
     import argparse
     import json
-    import os
-    import sys
 
     parser = argparse.ArgumentParser(description="host µs per call of every hot path, fastddpm against its peers")
     parser.add_argument("--only", nargs="+", default=None, metavar="OP", help="only these ops")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--json", default=None, help="write the long-format rows to this file")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])],
-                  {**os.environ, "TRITON_INTERPRET": "1"})
+    harness.rerun_with_interpreter(__spec__.name, argv)
     torch.set_num_threads(1)
     cases = [case for case in paths.CASES if args.only is None or case.op in args.only]
     times, launches, per_launch = measure(cases, args.reps)

@@ -14,7 +14,6 @@ rounds (harness.time_cpu).
 """
 import contextlib
 import os
-import sys
 import time
 import warnings
 
@@ -98,9 +97,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="host µs of one launch of each kernel, Triton's path and ours")
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # the kernels must be JITFunctions
-        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])],
-                  {**os.environ, "TRITON_INTERPRET": "0"})
+    harness.rerun_with_interpreter(__spec__.name, argv, interpret=False)  # the kernels must be JITFunctions
     torch.set_num_threads(1)
     results = measure(args.reps)
     print(f"Host µs a launch (triton {triton.__version__}, CPU time, faked driver and kernel): p50 [p20, p80]")

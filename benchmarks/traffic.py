@@ -355,20 +355,15 @@ def format_table(counts, size):
 def main(argv=None):
     import argparse
     import json
-    import os
-    import sys
 
-    from . import paths
+    from . import harness, paths
 
     parser = argparse.ArgumentParser(description="launches and bytes per element of every hot path and its peers")
     parser.add_argument("--size", default="x".join(map(str, paths.SIZE)), help="the main tensor's shape, e.g. 16x3x32x32")
     parser.add_argument("--only", nargs="+", default=None, metavar="OP", help="only these ops")
     parser.add_argument("--json", default=None, help="write the long-format rows to this file")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        # the interpreter must be chosen before triton is imported, and importing fastddpm imported it
-        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])],
-                  {**os.environ, "TRITON_INTERPRET": "1"})
+    harness.rerun_with_interpreter(__spec__.name, argv)
     torch.set_num_threads(1)
     size = tuple(int(n) for n in args.size.split("x"))
     cases = [case for case in paths.CASES if args.only is None or case.op in args.only]
