@@ -65,6 +65,9 @@ DEFAULT_TEXT = {
 }
 
 
+CLIP_CHOICES = {"auto": None, "on": True, "off": False}  # `fastddpm quality --clip-denoised`: sample's values
+
+
 def _optional_float(text):
     return None if text.lower() == "none" else float(text)
 
@@ -163,6 +166,9 @@ def _build_parser():
     quality.add_argument("--num-samples", type=int, default=1000, help="samples per method and step count "
                          "(default: 1000)")
     quality.add_argument("--seed", type=int, default=0, help="seed of the noise, the same for every row (default: 0)")
+    quality.add_argument("--clip-denoised", choices=tuple(CLIP_CHOICES), default="auto",
+                         help="clip x0_hat to [-1, 1]: auto (each method's default: on for DDPM and DDIM, off for "
+                         "the solvers, as in diffusers), on or off for every method (default: auto)")
     quality.add_argument("--out", default=None, help="folder of the outputs (default: RUN/quality)")
     quality.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     _add_compute_arguments(quality)
@@ -256,7 +262,8 @@ def _quality(args):
     state = load_checkpoint(args.checkpoint)
     run_folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
     result = quality_sweep(state, plan_of(args.methods, args.steps, args.ddpm_steps), num_samples=args.num_samples,
-                           seed=args.seed, device=resolve_device(args.device), ema=not args.no_ema,
+                           seed=args.seed, device=resolve_device(args.device),
+                           clip_denoised=CLIP_CHOICES[args.clip_denoised], ema=not args.no_ema,
                            progress=not args.no_progress)
     paths = write_outputs(result, args.out or os.path.join(run_folder, "quality"))
     print(f"wrote {', '.join(paths)}")

@@ -145,6 +145,19 @@ def test_quality_writes_rows_table_and_plot(digits_run, tmp_path, capsys):
     assert imread(out / "quality.png").ndim == 3
 
 
+def test_clip_denoised_on_clips_the_solvers_as_ddim_already_is(digits_run, tmp_path):
+    rows = {}
+    for clip in ("auto", "on"):
+        assert main(["quality", str(digits_run), "--methods", "ddim", "dpm++2m", "--steps", "3", "--ddpm-steps",
+                     "--num-samples", "8", "--clip-denoised", clip, "--threads", "1", "--no-progress",
+                     "--out", str(tmp_path / clip)]) == 0
+        result = json.loads((tmp_path / clip / "quality.json").read_text())
+        assert result["clip_denoised"] == {"auto": None, "on": True}[clip]
+        rows[clip] = {row["method"]: row["frechet_distance"] for row in result["rows"]}
+    assert rows["on"]["ddim"] == rows["auto"]["ddim"]
+    assert rows["on"]["dpm++2m"] != rows["auto"]["dpm++2m"]
+
+
 def test_quality_refuses_steps_beyond_the_schedule(digits_run, tmp_path, capsys):
     assert main(["quality", str(digits_run), "--methods", "ddim", "--steps", "21", "--ddpm-steps", "--no-progress",
                  "--out", str(tmp_path)]) == 1

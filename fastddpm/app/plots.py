@@ -92,7 +92,9 @@ def save_quality_plot(result, path):
         axes.set_ylabel(label)
         axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
-    figure.suptitle(f"{result['num_samples']} samples per point; {result['features']}", fontsize=9)
+    clip = {None: "each method's default", True: "on", False: "off"}[result["clip_denoised"]]
+    figure.suptitle(f"{result['num_samples']} samples per point, x0_hat clipping {clip}; {result['features']}",
+                    fontsize=9)
     figure.tight_layout()
     _makedirs_for(path)
     figure.savefig(path)

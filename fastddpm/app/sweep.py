@@ -22,9 +22,11 @@ from .quality import FeatureSpace
 DRAW_BATCH = 500  # samples per model call
 
 
-def quality_sweep(state, plan, *, num_samples, seed, device, ema=True, progress=True, print_fn=print):
+def quality_sweep(state, plan, *, num_samples, seed, device, clip_denoised=None, ema=True, progress=True,
+                  print_fn=print):
     """The rows of `plan` ((method, steps) pairs) for the run of checkpoint `state`, with the
-    reference values and settings: the dict `fastddpm quality` writes as JSON."""
+    reference values and settings: the dict `fastddpm quality` writes as JSON. clip_denoised:
+    `sample`'s (None: each method's default, on for DDPM and DDIM, off for the solvers)."""
     model, schedule, config = model_from_checkpoint(state, ema=ema, device=device)
     for method, steps in plan:
         if not 1 <= steps <= schedule.num_timesteps:
@@ -51,7 +53,7 @@ def quality_sweep(state, plan, *, num_samples, seed, device, ema=True, progress=
     batches = -(-num_samples // DRAW_BATCH)
     draw = dict(count=num_samples, image_shape=tuple(state["image_shape"]), schedule=schedule,
                 prediction=config.prediction, variance=config.variance, eta=0.0, device=device, progress=progress,
-                batch_size=DRAW_BATCH)
+                batch_size=DRAW_BATCH, clip_denoised=clip_denoised)
     draw_samples(model, **{**draw, "count": 2}, method="ddim", steps=2, seed=seed)  # first-call costs, untimed
     rows = []
     try:
@@ -67,7 +69,7 @@ def quality_sweep(state, plan, *, num_samples, seed, device, ema=True, progress=
             print_fn(_describe(rows[-1], size))
     finally:
         hook.remove()
-    return {"num_samples": num_samples, "seed": seed, "compared_at": size, "features": space.description,
+    return {"num_samples": num_samples, "seed": seed, "clip_denoised": clip_denoised, "compared_at": size, "features": space.description,
             "reference": reference, "rows": rows, "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "trained_steps": state["step"], "run": state["config"]}
 
