@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from ..options import METHODS
+
 
 def save_grid(samples, path, columns=None):
     """A PNG grid of images in [-1, 1] (N, C, H, W), pixels kept sharp; returns the path written
@@ -72,10 +74,11 @@ def save_quality_plot(result, path):
     methods = list(dict.fromkeys(row["method"] for row in result["rows"]))
     for index, (key, label) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), index + 1)
-        for number, method in enumerate(methods):
+        for method in methods:
+            number = METHODS.index(method)  # one colour and marker per method in every plot
             rows = sorted((row for row in result["rows"] if row["method"] == method), key=lambda r: r["model_calls"])
-            axes.plot([r["model_calls"] for r in rows], [r[key] for r in rows], marker="o", markersize=4,
-                      color=f"C{number % 10}", linestyle="-" if number < 10 else "--", label=method)
+            axes.plot([r["model_calls"] for r in rows], [r[key] for r in rows], marker="osv^DPX*h<"[number % 10],
+                      markersize=5, color=f"C{number % 10}", linestyle="-" if number < 10 else "--", label=method)
         reference = result["reference"]
         axes.axhline(reference[key], color="black", linestyle=":",
                      label=f"real test split ({reference['images']} images)")

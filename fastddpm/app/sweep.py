@@ -1,6 +1,6 @@
 """`fastddpm quality`: a trained run's samples judged across sampling methods and step counts.
 
-Every (method, steps) draws the same number of samples from the same starting noise (one seed),
+Every (method, steps) draws the same number of samples with one seed,
 counts the model's calls and times the draw, then measures the samples' Fréchet distance to the
 train split (app.quality, one feature space for the whole sweep) and, for the digits, the
 recognisable fraction (app.digits); the real test split gives the reference of both.
