@@ -153,8 +153,8 @@ def _build_parser():
 
     quality = commands.add_parser("quality", help="a checkpoint's sample quality across methods and steps",
                                   description="Sample a run with every method at every step count and measure the "
-                                  "samples' Fréchet distance to the train split (in its principal components), and for "
-                                  "the digits their recognisable fraction, beside the real test split's; write "
+                                  "samples' Fréchet distance to the train split (in its principal components), and "
+                                  "for the digits their recognisable fraction, beside the real test split's; write "
                                   "quality.json, quality.md (the table) and quality.png (the plot).")
     quality.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
     quality.add_argument("--methods", nargs="+", choices=options.METHODS, default=list(options.METHODS),

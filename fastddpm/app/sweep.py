@@ -48,8 +48,13 @@ def quality_sweep(state, plan, *, num_samples, seed, device, clip_denoised=None,
                  "frechet_distance_at_size": round(space.mean_distance(test_images, size), 4),
                  "recognisable_fraction": judge.real_test["real_test_recognisable_fraction"] if judge else None}
 
-    calls = [0]
-    hook = model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
+    calls = 0
+
+    def count_call(module, inputs):
+        nonlocal calls
+        calls += 1
+
+    hook = model.register_forward_pre_hook(count_call)
     batches = -(-num_samples // DRAW_BATCH)
     draw = dict(count=num_samples, image_shape=tuple(state["image_shape"]), schedule=schedule,
                 prediction=config.prediction, variance=config.variance, eta=0.0, device=device, progress=progress,
@@ -58,20 +63,21 @@ def quality_sweep(state, plan, *, num_samples, seed, device, clip_denoised=None,
     rows = []
     try:
         for method, steps in plan:
-            calls[0] = 0
+            calls = 0
             start = time.perf_counter()
             samples = draw_samples(model, **draw, method=method, steps=steps, seed=seed)
             seconds = time.perf_counter() - start
-            rows.append({"method": method, "steps": steps, "model_calls": calls[0] // batches,
+            rows.append({"method": method, "steps": steps, "model_calls": calls // batches,
                          "seconds": round(seconds, 2), "frechet_distance": round(space.distance(samples), 4),
                          "frechet_distance_at_size": round(space.mean_distance(samples, size), 4),
                          "recognisable_fraction": judge(samples)["samples_recognisable_fraction"] if judge else None})
             print_fn(_describe(rows[-1], size))
     finally:
         hook.remove()
-    return {"num_samples": num_samples, "seed": seed, "clip_denoised": clip_denoised, "compared_at": size, "features": space.description,
-            "reference": reference, "rows": rows, "device": str(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "trained_steps": state["step"], "run": state["config"]}
+    return {"num_samples": num_samples, "seed": seed, "clip_denoised": clip_denoised, "compared_at": size,
+            "features": space.description, "reference": reference, "rows": rows, "device": str(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "trained_steps": state["step"],
+            "run": state["config"]}
 
 
 def plan_of(methods, steps, ddpm_steps):
