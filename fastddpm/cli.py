@@ -1,8 +1,9 @@
-"""The `fastddpm` command: train, sample, elbo, bench, verify.
+"""The `fastddpm` command: train, sample, elbo, quality, bench, verify.
 
     fastddpm train [--data digits|FOLDER|FILE.npy] [--out runs/NAME] [--resume] ...
     fastddpm sample runs/NAME [--method METHOD] [--steps N] [--eta E] [--seed S] [--out grid.png]
     fastddpm elbo runs/NAME [--data ...] [--timesteps K]
+    fastddpm quality runs/NAME [--methods M ...] [--steps 5 10 20 50] [--num-samples N] [--out FOLDER]
     fastddpm bench [--json PATH] [--plot PATH.png] [--traffic]
     fastddpm verify [--device cpu|cuda]
 
@@ -24,6 +25,7 @@ from .app.data import load_images, train_test_split
 from .app.distributed import cpu_threads, resolve_device
 from .app.evaluate import draw_samples, evaluate_bpd
 from .app.plots import save_grid
+from .app.sweep import plan_of, quality_sweep, write_outputs
 
 TRAIN_HELP = {
     "data": "'digits' (scikit-learn's 8x8 digits), a folder of images or an .npy file (N,H,W)/(N,C,H,W)",
@@ -61,6 +63,9 @@ DEFAULT_TEXT = {
     "device": "cuda if available; under torchrun cuda:LOCAL_RANK",
     "threads": "the cores but one, divided among the processes",
 }
+
+
+CLIP_CHOICES = {"auto": None, "on": True, "off": False}  # `fastddpm quality --clip-denoised`: sample's values
 
 
 def _optional_float(text):
@@ -146,6 +151,29 @@ def _build_parser():
     _add_compute_arguments(elbo)
     elbo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    quality = commands.add_parser("quality", help="a checkpoint's sample quality across methods and steps",
+                                  description="Sample a run with every method at every step count and measure the "
+                                  "samples' Fréchet distance to the train split (in its principal components), and "
+                                  "for the digits their recognisable fraction, beside the real test split's; write "
+                                  "quality.json, quality.md (the table) and quality.png (the plot).")
+    quality.add_argument("checkpoint", help="a run folder or its checkpoint.pt")
+    quality.add_argument("--methods", nargs="+", choices=options.METHODS, default=list(options.METHODS),
+                         metavar="METHOD", help=f"samplers, of {', '.join(options.METHODS)} (default: all)")
+    quality.add_argument("--steps", nargs="+", type=int, default=[5, 10, 20, 50], metavar="N",
+                         help="step counts of every method (default: 5 10 20 50)")
+    quality.add_argument("--ddpm-steps", nargs="*", type=int, default=[100, 1000], metavar="N",
+                         help="more step counts of DDPM alone, the baseline (default: 100 1000; none: give no N)")
+    quality.add_argument("--num-samples", type=int, default=1000, help="samples per method and step count "
+                         "(default: 1000)")
+    quality.add_argument("--seed", type=int, default=0, help="seed of the noise, the same for every row (default: 0)")
+    quality.add_argument("--clip-denoised", choices=tuple(CLIP_CHOICES), default="auto",
+                         help="clip x0_hat to [-1, 1]: auto (each method's default: on for DDPM and DDIM, off for "
+                         "the solvers, as in diffusers), on or off for every method (default: auto)")
+    quality.add_argument("--out", default=None, help="folder of the outputs (default: RUN/quality)")
+    quality.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    _add_compute_arguments(quality)
+    quality.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     bench = commands.add_parser("bench", help="time every hot path (loss, sampling step, ELBO, train step)")
     bench.add_argument("--json", default=None, help="write the rows to this JSON file")
     bench.add_argument("--plot", default=None, help="bar chart of the speedup over eager PyTorch (PNG)")
@@ -162,7 +190,8 @@ def _build_parser():
 
 def main(argv=None):
     args = _build_parser().parse_args(argv)
-    handlers = {"train": _train, "sample": _sample, "elbo": _elbo, "bench": _bench, "verify": _verify}
+    handlers = {"train": _train, "sample": _sample, "elbo": _elbo, "quality": _quality, "bench": _bench,
+                "verify": _verify}
     try:
         if args.command == "train":  # threads per process: the run sets them
             return _train(args) or 0
@@ -227,6 +256,17 @@ def _elbo(args):
     estimate = f"K={args.timesteps} estimate" if args.timesteps else f"all T={schedule.num_timesteps} timesteps"
     print(f"{described}: {result['total_bpd']:.4f} bits/dim ({estimate}, {result['images']} images; "
           f"prior {result['prior_bpd']:.4f}, decoder {result['decoder_bpd']:.4f})")
+
+
+def _quality(args):
+    state = load_checkpoint(args.checkpoint)
+    run_folder = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+    result = quality_sweep(state, plan_of(args.methods, args.steps, args.ddpm_steps), num_samples=args.num_samples,
+                           seed=args.seed, device=resolve_device(args.device),
+                           clip_denoised=CLIP_CHOICES[args.clip_denoised], ema=not args.no_ema,
+                           progress=not args.no_progress)
+    paths = write_outputs(result, args.out or os.path.join(run_folder, "quality"))
+    print(f"wrote {', '.join(paths)}")
 
 
 def _bench(args):

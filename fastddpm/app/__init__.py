@@ -1,5 +1,5 @@
-"""The application behind `fastddpm train|sample|elbo`: a DDPM trained end to end, then sampled
-and evaluated, built on the library's public API only.
+"""The application behind `fastddpm train|sample|elbo|quality`: a DDPM trained end to end, then
+sampled and evaluated, built on the library's public API only.
 
 Importing it imports neither scikit-learn nor matplotlib: the digits, the recognisability
 check and the plots load them when they are used.

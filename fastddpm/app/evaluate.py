@@ -9,7 +9,7 @@ from .distributed import sum_over_ranks
 
 
 def draw_samples(model, count, image_shape, schedule, *, method, steps, eta, prediction, variance, seed, device,
-                 progress=True, batch_size=500):
+                 progress=True, batch_size=500, clip_denoised=None):
     """`count` samples in [-1, 1], float32 on the CPU (`sample`'s defaults for everything else)."""
     generator = torch.Generator(device).manual_seed(seed)
     batches = []
@@ -17,7 +17,8 @@ def draw_samples(model, count, image_shape, schedule, *, method, steps, eta, pre
         for start in range(0, count, batch_size):
             shape = (min(batch_size, count - start), *image_shape)
             batches.append(sample(model, shape, schedule, method=method, steps=steps, eta=eta, prediction=prediction,
-                                  variance=variance, generator=generator, progress=progress).float().cpu())
+                                  variance=variance, clip_denoised=clip_denoised, generator=generator,
+                                  progress=progress).float().cpu())
     return torch.cat(batches).clamp(-1, 1)
 
 

@@ -1,9 +1,11 @@
-"""The run's pictures: a grid of samples and the loss curve (matplotlib, imported only here and
-only when a picture is drawn)."""
+"""The run's pictures: a grid of samples, the loss curve and the quality sweep's plot
+(matplotlib, imported only here and only when a picture is drawn)."""
 import math
 import os
 
 import numpy as np
+
+from ..options import METHODS
 
 
 def save_grid(samples, path, columns=None):
@@ -54,6 +56,48 @@ def save_loss_curve(history, path, window=100):
     axes.set_ylabel("training loss")
     axes.grid(True, alpha=0.3)
     axes.legend()
+    figure.tight_layout()
+    _makedirs_for(path)
+    figure.savefig(path)
+
+
+def save_quality_plot(result, path):
+    """`fastddpm quality`'s rows: Fréchet distance (and for the digits the recognisable fraction)
+    against model calls, one line per method, the real test split's value as a dashed line."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    panels = [("frechet_distance_at_size", f"Fréchet distance to the train split\n(sets of {result['compared_at']})")]
+    if result["reference"]["recognisable_fraction"] is not None:
+        panels.append(("recognisable_fraction", "recognisable fraction"))
+    figure = Figure(figsize=(6.5 * len(panels), 4.8), dpi=100)
+    methods = list(dict.fromkeys(row["method"] for row in result["rows"]))
+    for index, (key, label) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for method in methods:
+            number = METHODS.index(method)  # one colour and marker per method in every plot
+            rows = sorted((row for row in result["rows"] if row["method"] == method), key=lambda r: r["model_calls"])
+            axes.plot([r["model_calls"] for r in rows], [r[key] for r in rows], marker="osv^DPX*h<"[number % 10],
+                      markersize=5, color=f"C{number % 10}", linestyle="-" if number < 10 else "--", label=method)
+        reference = result["reference"]
+        axes.axhline(reference[key], color="black", linestyle=":",
+                     label=f"real test split ({reference['images']} images)")
+        axes.set_xscale("log")
+        log_axes = [axes.xaxis]
+        if key.startswith("frechet"):
+            axes.set_yscale("log")
+            log_axes.append(axes.yaxis)
+        for axis in log_axes:  # ticks 1, 2, 5, 10, 20, ..., not 2×10¹
+            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
+        axes.set_xlabel("model calls per sample")
+        axes.set_ylabel(label)
+        axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    clip = {None: "each method's default", True: "on", False: "off"}[result["clip_denoised"]]
+    figure.suptitle(f"{result['num_samples']} samples per point, x0_hat clipping {clip}; {result['features']}",
+                    fontsize=9)
     figure.tight_layout()
     _makedirs_for(path)
     figure.savefig(path)

@@ -11,6 +11,7 @@ from .digits import CONFIDENT, digit_recognisability
 from .distributed import barrier
 from .evaluate import draw_samples, evaluate_bpd, nearest_neighbour_stats
 from .plots import save_grid, save_loss_curve
+from .quality import FeatureSpace
 
 
 def finish(run):
@@ -52,6 +53,12 @@ def finish(run):
         save_grid(samples, os.path.join(config.out, "samples.png"))
         save_loss_curve(run.loss_history, os.path.join(config.out, "loss.png"))
         metrics["nearest_neighbour"] = nearest_neighbour_stats(samples, run.train_images, run.test_images)
+        if min(config.num_samples, run.test_images.shape[0]) >= 2:
+            metrics["frechet"] = fd = FeatureSpace(run.train_images).compare(samples, run.test_images)
+            run.print(f"Fréchet distance to the train split in {fd['features']}: {fd['samples_distance']:.3f} "
+                      f"({fd['samples']} samples), real test images {fd['real_test_distance']:.3f}; in sets of "
+                      f"{fd['compared_at']}: samples {fd['samples_distance_at_size']:.3f}, real test images "
+                      f"{fd['real_test_distance_at_size']:.3f}")
         if config.data == "digits" and run.test_images.shape[0] > 0:
             metrics["recognisability"] = rec = digit_recognisability(
                 samples, run.train_images, run.train_labels, run.test_images, run.test_labels)
