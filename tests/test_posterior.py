@@ -17,7 +17,6 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 T = 1000
 
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

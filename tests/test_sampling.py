@@ -16,7 +16,6 @@ from fastddpm import respace, sample, space_timesteps
 T = 1000
 
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

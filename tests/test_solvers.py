@@ -20,7 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
 T = 1000
 
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 TOLERANCE = 1e-5
 
 
-
 def tiny_model(seed=0):
     """A fixed random function of (x, t): a channel mix of x scaled by t, plus a term in t alone."""
     mix = torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)) * 0.3

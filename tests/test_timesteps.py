@@ -14,7 +14,6 @@ STEPS = [1, 7, 10, 25, 50]
 OFFSETS = [0, 1]
 
 
-
 def scheduler(name, **config):
     cls = getattr(diffusers, name)
     return cls(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", **config)
