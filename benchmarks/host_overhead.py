@@ -6,9 +6,9 @@ costs its host time. Measured here with tiny tensors (2x3x4x4), one thread, the 
 time per call (`INNER` calls per sample), medians over interleaved rounds (harness.time_cpu),
 the Triton kernels' execution stubbed. Providers:
 
-- fastddpm: the kernels' path with every grid execution a no-op (`InterpretedFunction[grid]`):
-  Python, argument checks, the dispatcher, custom ops, autograd and our launchers are timed;
-  Triton's own launch path is not.
+- fastddpm: the kernels' path with every launch a no-op (the `launch` each kernels module calls
+  swapped): Python, argument checks, the dispatcher, autograd and each op's launcher are timed;
+  kernels/_launch.launch and Triton's launch path are not.
 - fastddpm+launch: the same, each launch made as on a GPU by kernels/_launch.launch: the first one
   of each specialization through Triton's real `JITFunction.run` (argument binding and
   specialization, cache key, compile), later ones calling the compiled kernel directly; with a
@@ -24,6 +24,7 @@ dispatch does. ratio = peer / fastddpm: above 1, fastddpm spends less host time 
     python -m fastddpm.benchmarks.host_overhead [--json rows.json]
 """
 import contextlib
+import importlib
 import inspect
 import time
 import types
@@ -39,6 +40,7 @@ from .traffic import _swapped
 
 SIZE = (2, 3, 4, 4)
 INNER = 10
+KERNEL_MODULES = ("q_sample", "loss", "posterior", "vlb", "hybrid", "solvers")  # each imports `launch`
 PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-diffusion")
 
 
@@ -109,7 +111,9 @@ def jit_function(kernel, **options):
     return JITFunction(kernel.fn, **{k: v for k, v in {**given, **options}.items() if k in accepted})
 
 
-def _run(interpreted, grid, *args, **kwargs):
+def _launch(interpreted, grid, *args, **kwargs):
+    """What the kernels modules call in place of kernels/_launch.launch: nothing (or, with
+    `_Launches.jit`, the launch path with a JITFunction of the interpreted kernel)."""
     _Launches.calls += 1
     if not _Launches.jit:
         return None
@@ -123,17 +127,16 @@ def _run(interpreted, grid, *args, **kwargs):
     return kernel
 
 
-def _grid(interpreted, grid):
-    return lambda *args, **kwargs: _run(interpreted, grid, *args, **kwargs)
-
-
 @contextlib.contextmanager
 def stubbed_launches():
-    """Triton launches do nothing (or, with `_Launches.jit`, only their launch path)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with warnings.catch_warnings(), _swapped(InterpretedFunction, "__getitem__", _grid), faked_gpu():
+    """Kernel launches do nothing (or, with `_Launches.jit`, only their launch path): each kernels
+    module's `launch` swapped, so that nothing is timed that a GPU's path would not run."""
+    with contextlib.ExitStack() as stack:
+        for name in KERNEL_MODULES:
+            stack.enter_context(_swapped(importlib.import_module(f"fastddpm.kernels.{name}"), "launch", _launch))
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # Triton's one-time notices about its defaults
+        stack.enter_context(faked_gpu())
         yield
 
 
