@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# one version, fastddpm.__version__
+VERSION = re.search(r'__version__ = "([^"]+)"', open("fastddpm/__init__.py").read()).group(1)
 
 setup(
     name="fastddpm",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton kernels for DDPM training and sampling, with a thin PyTorch API",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
@@ -16,7 +21,9 @@ setup(
         "numpy",
         "einops",
         "tqdm",  # progress bars of sample() and elbo_bpd()
-        "triton; platform_system == 'Linux'",
+        # tested on 3.2-3.9 (scripts/triton_versions.sh), the versions torch 2.6-2.14 ship; no upper
+        # bound, which would make pip downgrade a newer torch
+        "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers", "import-linter"],
