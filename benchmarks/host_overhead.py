@@ -45,7 +45,7 @@ PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-
 
 
 class _Launches:
-    """How the patched `InterpretedFunction[grid]` launches: not at all, or as on a GPU."""
+    """How the swapped `launch` launches: not at all, or as on a GPU."""
     jit = False
     calls = 0
     functions = {}
