@@ -19,6 +19,7 @@ from .guidance import ClassifierFreeGuidance
 from .options import CLIP_OPTIONS, METHODS, SOLVER_METHODS, VARIANCES
 from .respace import respace, space_timesteps
 from .samplers import MULTISTEP, STOCHASTIC, ancestral_loop, solver_loop
+from .schedule import device_with_index
 
 __all__ = ["sample"]
 
@@ -222,16 +223,12 @@ def _denoiser(model, model_kwargs, guidance_scale, null_kwargs, variance, channe
 def _device(device, x_T, model):
     """The given device, else x_T's, else that of the model's first parameter or buffer (found
     through wrappers by `model_tensors`), else torch's default device."""
-    if device is not None:
-        device = torch.device(device)
-    elif x_T is not None and isinstance(x_T, torch.Tensor):
+    if device is None and isinstance(x_T, torch.Tensor):
         device = x_T.device
-    else:
+    elif device is None:
         tensors = model_tensors(model)
         device = tensors[0].device if tensors else torch.get_default_device()
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return device_with_index(device)
 
 
 def _check_x_T(x_T, shape, device):

@@ -166,7 +166,7 @@ class NoiseSchedule:
 
     def kernel_table(self, device):
         """float32 copy of the KERNEL_ROWS tables on `device`, shape (len(KERNEL_ROWS), T); cached."""
-        device = _table_device(device)
+        device = device_with_index(device)
         table = self._kernel_tables.get(device)
         if table is None:
             table = self._kernel_tables[device] = _float32_table([getattr(self, name) for name in KERNEL_ROWS], device)
@@ -180,7 +180,7 @@ class NoiseSchedule:
         sqrt_1m_ab (finite where ab = 0); v: x0_hat = sqrt_ab x_t - sqrt_1m_ab out, eps_hat =
         sqrt_1m_ab x_t + sqrt_ab out, target sqrt_ab eps - sqrt_1m_ab x0.
         """
-        key = (canonical_prediction(prediction), _table_device(device))
+        key = (canonical_prediction(prediction), device_with_index(device))
         table = self._prediction_tables.get(key)
         if table is None:
             zero, one = torch.zeros_like(self.betas), torch.ones_like(self.betas)
@@ -245,7 +245,7 @@ class NoiseSchedule:
         """float32 `loss_weights` on `device`, cached for named weightings."""
         if isinstance(weighting, torch.Tensor):
             return self.loss_weights(weighting, prediction, gamma).to(device, torch.float32)
-        key = (weighting, prediction, float(gamma), torch.device(device))
+        key = (weighting, prediction, float(gamma), device_with_index(device))
         table = self._weight_tables.get(key)
         if table is None:
             table = self.loss_weights(weighting, prediction, gamma).to(device, torch.float32)
@@ -260,7 +260,7 @@ class NoiseSchedule:
         return f"NoiseSchedule(T={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, beta[-1]={self.betas[-1].item():.3g})"
 
 
-def _table_device(device):
+def device_with_index(device):
     """`device` as a torch.device with its index (the current GPU's for a bare "cuda")."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

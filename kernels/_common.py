@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS
+from fastddpm.schedule import KERNEL_ROWS, PREDICTION_ROWS, device_with_index
 
 MAX_BATCH = 65535  # grid axis 1 limit
 
@@ -190,9 +190,9 @@ def load_model_output(out_ptr, out_offs, variance_shift, mask, LEARNED: tl.const
 
 
 @triton.jit
-def step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
+def load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW,
                DRAW_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    """z: drawn from the Philox seed (`standard_normal`, q-sample's stream) or read from `noise`."""
+    """N(0, 1) noise: drawn from the Philox seed (`standard_normal`, q-sample's stream) or read from `noise`."""
     if DRAW_NOISE:
         z = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
     else:
@@ -242,9 +242,7 @@ def reduction_counter(device):
     CUDA graph capture, for the devices the schedules build their tables on). A launch that
     raises (an assert under Triton's interpreter; on a GPU a failed kernel ends the context)
     leaves its slot part-counted: its launcher zeroes it again then."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = device_with_index(device)
     ring = _counters.get(device)
     if ring is None:
         slots = torch.zeros(_COUNTER_SLOTS, _SLOT_INTS, dtype=torch.int32, device=device)
@@ -282,9 +280,12 @@ def finish_reduction(partial_ptr, out_ptr, counter_ptr, PER_SAMPLE: tl.constexpr
         tl.atomic_xchg(counter_ptr, 0)
 
 
+def needs_grad(*tensors):
+    """True where autograd records a gradient for any of `tensors` (None allowed)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
 def eager(*tensors):
     """True where a call may launch its kernel directly, skipping its custom op: eager mode (not
     traced by torch.compile) with no gradient to record for any of `tensors` (None allowed)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(x is not None and x.requires_grad for x in tensors)
+    return not torch.compiler.is_compiling() and not needs_grad(*tensors)

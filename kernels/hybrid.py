@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from ._common import (CHECKED, FIXED_LOG_VARIANCE_ROWS, SQRT_1M_AB, SQRT_AB, TARGET_EPS, TARGET_X0, channel_sizes,
-                      kernel_layout, launch_config, like_layout, load_model_output, load_timestep, model_output_offsets,
-                      sample_numel, sample_offsets, standard_normal)
+                      kernel_layout, launch_config, like_layout, load_model_output, load_noise, load_timestep,
+                      model_output_offsets, needs_grad, sample_numel, sample_offsets)
 from ._launch import launch
 from .vlb import INV_LN2, LN2, vb_element
 
@@ -46,10 +46,7 @@ def vlb_loss_kernel(out_ptr, x0_ptr, noise_ptr, t_ptr, seed_ptr, table_ptr, pred
     sample, offs, mask, base = sample_offsets(D, BLOCK)
     t = load_timestep(t_ptr, sample, T)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
-    if DRAW_NOISE:
-        eps = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
-    else:
-        eps = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
+    eps = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     # the x_t the model saw: q_sample's, rounded once to x0's dtype
     x_t = tl.load(table_ptr + SQRT_AB * T + t) * x0 + tl.load(table_ptr + SQRT_1M_AB * T + t) * eps
     x_t = x_t.to(x0_ptr.dtype.element_ty).to(tl.float32)
@@ -148,7 +145,7 @@ def hybrid_loss(model_output, x0, noise, t, table, pred_table, mse_weights, seed
     model_output, channels_last = kernel_layout(model_output)
     channels_last = channels_last and model_output.ndim == 4
     x0, noise = like_layout(x0, channels_last), like_layout(noise, channels_last)
-    compute_grad = torch.is_grad_enabled() and model_output.requires_grad
+    compute_grad = needs_grad(model_output)
     per_sample, mse, vb, _ = vlb_loss_op(
         model_output, x0, noise, t, table, pred_table, mse_weights, seed if seed is not None else t.new_empty(0),
         float(vlb_weight), loss == "hybrid", variance == "learned_range", FIXED_LOG_VARIANCE_ROWS[variance],

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, finish_reduction, kernel_layout,
-                      launch_config, like_layout, load_timestep, reduction_counter, sample_numel, sample_offsets,
-                      standard_normal)
+                      launch_config, like_layout, load_noise, load_timestep, needs_grad, reduction_counter, sample_numel,
+                      sample_offsets)
 from ._launch import launch
 
 # Which of eps and x0 each prediction's target reads: (uses eps, uses x0).
@@ -51,10 +51,7 @@ def diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, grad_ptr, partial_ptr, co
         weight = weight / tl.num_programs(1)
     pred = tl.load(pred_ptr + base + offs, mask=mask).to(tl.float32)
     if USE_EPS:
-        if DRAW_NOISE:
-            eps = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
-        else:
-            eps = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
+        eps = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     if USE_X0:
         x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
     if USE_EPS and USE_X0:  # v = sqrt_ab eps - sqrt_1m_ab x0
@@ -206,9 +203,8 @@ def diffusion_loss(model_output, x0, noise, t, table, weights, seed, *, predicti
     x0 = like_layout(x0, channels_last) if use_x0 else None
     noise = like_layout(noise, channels_last) if use_eps else None
     if torch.compiler.is_compiling():
-        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (pred, x0, noise))
         return diffusion_loss_op(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
-                                 needs_grad)[0]
+                                 needs_grad(pred, x0, noise))[0]
     if eager(pred, x0, noise):
         return diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
                                       False)[0]

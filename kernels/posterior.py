@@ -17,7 +17,7 @@ from fastddpm.options import DYNAMIC_THRESHOLD_PERCENTILE
 from ._common import (AB, CHECKED, COEF1, COEF2, EPS_OUT, EPS_XT, FIXED_LOG_VARIANCE_ROWS, LOG_BETAS, LOG_VAR_CLIPPED,
                       POSTERIOR_VARIANCE, SQRT_1M_AB, SQRT_AB, X0_OUT, X0_XT, channel_sizes, eager, kernel_layout,
                       launch_config, like_layout, load_timestep, model_output_offsets, sample_numel, sample_offsets,
-                      step_noise)
+                      load_noise)
 from ._launch import launch
 
 
@@ -63,7 +63,7 @@ def p_sample_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, pred_
     sample, offs, mask, base = sample_offsets(D, BLOCK)
     t = load_timestep(t_ptr, sample, T)
     if ADD_NOISE:  # drawn first: Box-Muller's registers are free again before the step's loads (no spill)
-        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+        z = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     out_offs, variance_shift = model_output_offsets(sample, offs, D, C, LEARNED_RANGE, CHANNELS_LAST)
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
@@ -105,7 +105,7 @@ def ddim_kernel(out_ptr, x_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_ptr, table_pt
     out = tl.load(out_ptr + out_offs, mask=mask).to(tl.float32)
     x0, eps = denoise(x, out, table_ptr, pred_table_ptr, scale_ptr, sample, t, T, CLIP, EPS_FROM_OUTPUT)
     if ADD_NOISE:  # drawn here, between the loads and the step's math: no spill on Triton 3.2-3.9
-        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+        z = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
     ab = tl.load(table_ptr + AB * T + t)
     ab_prev = tl.where(t_prev >= 0, tl.load(table_ptr + AB * T + tl.maximum(t_prev, 0)), 1.0)
     sigma = eta * tl.sqrt_rn((1.0 - ab_prev) / (1.0 - ab)) * tl.sqrt_rn(1.0 - ab / ab_prev)
@@ -193,12 +193,14 @@ def _scale(clip, model_output, x_t, t, table, pred_table, channels_last):
 # -- custom ops ----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastddpm::q_posterior_mean", mutates_args=())
-def q_posterior_mean_op(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                        x0_table: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def _q_posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                      x0_table: torch.Tensor, channels_last: bool) -> torch.Tensor:
     # coef1 x0 + coef2 x_t is the model mean of an x0 prediction (x0_table: its prediction table), unclipped
     return p_sample_forward(x0, x_t, t, table, x0_table, None, None, None, "fixed_small", "none", channels_last,
                             add_noise=False, store_x0=False)[0]
+
+
+q_posterior_mean_op = torch.library.custom_op("fastddpm::q_posterior_mean", _q_posterior_mean, mutates_args=())
 
 
 @q_posterior_mean_op.register_fake
@@ -221,13 +223,15 @@ def _q_posterior_backward(ctx, grad_mean):
 q_posterior_mean_op.register_autograd(_q_posterior_backward, setup_context=_q_posterior_setup)
 
 
-@torch.library.custom_op("fastddpm::p_mean_variance", mutates_args=())
-def p_mean_variance_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                       pred_table: torch.Tensor, variance: str, clip: str,
-                       channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _p_mean_variance(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                     pred_table: torch.Tensor, variance: str, clip: str,
+                     channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
     return p_sample_forward(model_output, x_t, t, table, pred_table, None, None, scale, variance, clip, channels_last,
                             add_noise=False, store_x0=True, store_variance=True)
+
+
+p_mean_variance_op = torch.library.custom_op("fastddpm::p_mean_variance", _p_mean_variance, mutates_args=())
 
 
 @p_mean_variance_op.register_fake
@@ -274,14 +278,16 @@ def _p_mean_variance_backward(ctx, grad_mean, grad_x0, grad_log_var, grad_var):
 p_mean_variance_op.register_autograd(_p_mean_variance_backward, setup_context=_p_mean_variance_setup)
 
 
-@torch.library.custom_op("fastddpm::p_sample_step", mutates_args=())
-def p_sample_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-                     pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, variance: str,
-                     clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _p_sample_step(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                   pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None, variance: str,
+                   clip: str, channels_last: bool, store_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
     x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, pred_table, noise, seed, scale, variance,
                                             clip, channels_last, add_noise=True, store_x0=store_x0)
     return x_prev, x0_hat
+
+
+p_sample_step_op = torch.library.custom_op("fastddpm::p_sample_step", _p_sample_step, mutates_args=())
 
 
 @p_sample_step_op.register_fake
@@ -289,14 +295,16 @@ def _(model_output, x_t, t, table, pred_table, noise, seed, variance, clip, chan
     return torch.empty_like(x_t), _empty(x_t, store_x0)
 
 
-@torch.library.custom_op("fastddpm::ddim_step", mutates_args=())
-def ddim_step_op(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                 table: torch.Tensor, pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
-                 eta: float, clip: str, channels_last: bool, store_x0: bool,
-                 eps_from_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+               table: torch.Tensor, pred_table: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None,
+               eta: float, clip: str, channels_last: bool, store_x0: bool,
+               eps_from_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
     return ddim_forward(model_output, x_t, t, t_prev, table, pred_table, noise, seed, scale, eta, clip,
                         channels_last, store_x0, eps_from_output)
+
+
+ddim_step_op = torch.library.custom_op("fastddpm::ddim_step", _ddim_step, mutates_args=())
 
 
 @ddim_step_op.register_fake
@@ -308,8 +316,8 @@ def _(model_output, x_t, t, t_prev, table, pred_table, noise, seed, eta, clip, c
 # -- entry points of fastddpm.functional (validated inputs; the schedule's kernel table and the
 # prediction's table, seeds given) ------------------------------------------------------------
 #
-# Eager calls that need no autograd launch the kernels directly; under torch.compile, or with
-# gradients, they go through the custom ops (about 11 µs more host time a call).
+# Eager calls that need no autograd run the ops' implementations directly; under torch.compile, or
+# with gradients, they go through the custom ops (about 11 µs more host time a call).
 
 
 def _gather(table, row, t, like):
@@ -328,11 +336,7 @@ def q_posterior(x0, x_t, t, table, x0_table):
     x0_table: the schedule's prediction table of an x0 prediction (the mean is that model mean)."""
     x_t, channels_last = kernel_layout(x_t)
     x0 = like_layout(x0, channels_last)
-    if eager(x0, x_t):
-        mean = p_sample_forward(x0, x_t, t, table, x0_table, None, None, None, "fixed_small", "none", channels_last,
-                                add_noise=False, store_x0=False)[0]
-    else:
-        mean = q_posterior_mean_op(x0, x_t, t, table, x0_table, channels_last)
+    mean = (_q_posterior_mean if eager(x0, x_t) else q_posterior_mean_op)(x0, x_t, t, table, x0_table, channels_last)
     return (mean, _gather(table, POSTERIOR_VARIANCE, t, x_t).to(x_t.dtype),
             _gather(table, LOG_VAR_CLIPPED, t, x_t).to(x_t.dtype))
 
@@ -341,15 +345,9 @@ def p_mean_variance(model_output, x_t, t, table, pred_table, *, variance, clip_d
     """(mean, variance, log_variance, x0_hat); the variances are full-shape for learned_range, else (B, 1, …, 1)."""
     x_t, channels_last = kernel_layout(x_t)
     model_output = like_layout(model_output, channels_last)
-    clip = _clip_name(clip_denoised)
-    if eager(model_output, x_t):
-        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
-        mean, x0_hat, log_var, var = p_sample_forward(model_output, x_t, t, table, pred_table, None, None, scale,
-                                                      variance, clip, channels_last, add_noise=False, store_x0=True,
-                                                      store_variance=True)
-    else:
-        mean, x0_hat, log_var, var = p_mean_variance_op(model_output, x_t, t, table, pred_table, variance, clip,
-                                                        channels_last)
+    op = _p_mean_variance if eager(model_output, x_t) else p_mean_variance_op
+    mean, x0_hat, log_var, var = op(model_output, x_t, t, table, pred_table, variance, _clip_name(clip_denoised),
+                                    channels_last)
     if variance != "learned_range":
         log_var = _gather(table, FIXED_LOG_VARIANCE_ROWS[variance], t, x_t)
         var, log_var = log_var.exp().to(x_t.dtype), log_var.to(x_t.dtype)
@@ -361,14 +359,9 @@ def p_sample_step(model_output, x_t, t, table, pred_table, noise, seed, *, varia
     """x_{t-1} (and x0_hat with return_x0_hat); z drawn in the kernel from `seed` when `noise` is None."""
     x_t, channels_last = kernel_layout(x_t)
     model_output, noise = like_layout(model_output, channels_last), like_layout(noise, channels_last)
-    clip = _clip_name(clip_denoised)
-    if eager(model_output, x_t, noise):
-        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
-        x_prev, x0_hat, _, _ = p_sample_forward(model_output, x_t, t, table, pred_table, noise, seed, scale, variance,
-                                                clip, channels_last, add_noise=True, store_x0=return_x0_hat)
-    else:
-        x_prev, x0_hat = p_sample_step_op(model_output, x_t, t, table, pred_table, noise, seed, variance, clip,
-                                          channels_last, return_x0_hat)
+    op = _p_sample_step if eager(model_output, x_t, noise) else p_sample_step_op
+    x_prev, x0_hat = op(model_output, x_t, t, table, pred_table, noise, seed, variance, _clip_name(clip_denoised),
+                        channels_last, return_x0_hat)
     return (x_prev, x0_hat) if return_x0_hat else x_prev
 
 
@@ -379,12 +372,7 @@ def ddim_step(model_output, x_t, t, t_prev, table, pred_table, noise, seed, *, e
     x_t, channels_last = kernel_layout(x_t)
     model_output = like_layout(model_output, channels_last)
     noise = like_layout(noise, channels_last) if eta != 0 else None
-    clip = _clip_name(clip_denoised)
-    if eager(model_output, x_t, noise):
-        scale = _scale(clip, model_output, x_t, t, table, pred_table, channels_last)
-        x_prev, x0_hat = ddim_forward(model_output, x_t, t, t_prev, table, pred_table, noise, seed, scale, eta, clip,
-                                      channels_last, return_x0_hat, not use_clipped_model_output)
-    else:
-        x_prev, x0_hat = ddim_step_op(model_output, x_t, t, t_prev, table, pred_table, noise, seed, float(eta), clip,
-                                      channels_last, return_x0_hat, not use_clipped_model_output)
+    op = _ddim_step if eager(model_output, x_t, noise) else ddim_step_op
+    x_prev, x0_hat = op(model_output, x_t, t, t_prev, table, pred_table, noise, seed, float(eta),
+                        _clip_name(clip_denoised), channels_last, return_x0_hat, not use_clipped_model_output)
     return (x_prev, x0_hat) if return_x0_hat else x_prev

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, kernel_layout, launch_config, like_layout,
-                      load_timestep, sample_numel, sample_offsets, standard_normal)
+from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, kernel_layout, launch_config, like_layout,
+                      load_noise, load_timestep, sample_numel, sample_offsets)
 from ._launch import launch
 
 
@@ -31,12 +31,9 @@ def q_sample_kernel(x0_ptr, noise_ptr, out_ptr, noise_out_ptr, t_ptr, t_out_ptr,
     sqrt_ab = tl.load(table_ptr + SQRT_AB * T + t)
     sqrt_1m_ab = tl.load(table_ptr + SQRT_1M_AB * T + t)
     x0 = tl.load(x0_ptr + base + offs, mask=mask).to(tl.float32)
-    if DRAW_NOISE:
-        eps = standard_normal(seed_ptr, sample, offs, D, C, HW, CHANNELS_LAST, BLOCK)
-        if STORE_NOISE:
-            tl.store(noise_out_ptr + base + offs, eps.to(noise_out_ptr.dtype.element_ty), mask=mask)
-    else:
-        eps = tl.load(noise_ptr + base + offs, mask=mask).to(tl.float32)
+    eps = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+    if STORE_NOISE:  # drawn noise only (the launcher sets it so)
+        tl.store(noise_out_ptr + base + offs, eps.to(noise_out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + base + offs, (sqrt_ab * x0 + sqrt_1m_ab * eps).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -60,8 +57,12 @@ def q_sample_forward(x0, t, noise, table, seed, channels_last, store_noise, draw
     return out, noise_out, t_out
 
 
-def _coefficient(table, row, t, like):
-    return table[row.value][t].reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
+def _input_grads(grad_x_t, t, table, needs_input_grad):
+    """dx_t/dx0 = sqrt_ab[t] and dx_t/dnoise = sqrt_1m_ab[t] times grad_x_t, each where it is needed."""
+    def scaled(row):
+        return grad_x_t * table[row.value][t].reshape((-1,) + (1,) * (grad_x_t.ndim - 1)).to(grad_x_t.dtype)
+
+    return (scaled(SQRT_AB) if needs_input_grad[0] else None), (scaled(SQRT_1M_AB) if needs_input_grad[2] else None)
 
 
 class _QSample(torch.autograd.Function):
@@ -77,9 +78,7 @@ class _QSample(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_x_t, _grad_noise_out):
-        t, table = ctx.saved_tensors
-        grad_x0 = grad_x_t * _coefficient(table, SQRT_AB, t, grad_x_t) if ctx.needs_input_grad[0] else None
-        grad_noise = grad_x_t * _coefficient(table, SQRT_1M_AB, t, grad_x_t) if ctx.needs_input_grad[2] else None
+        grad_x0, grad_noise = _input_grads(grad_x_t, *ctx.saved_tensors, ctx.needs_input_grad)
         return grad_x0, None, grad_noise, None, None, None, None
 
 
@@ -108,9 +107,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_x_t, _grad_noise_out, _grad_t):
     if grad_x_t is None:
         return (None,) * 8
-    t, table = ctx.saved_tensors
-    grad_x0 = grad_x_t * _coefficient(table, SQRT_AB, t, grad_x_t) if ctx.needs_input_grad[0] else None
-    grad_noise = grad_x_t * _coefficient(table, SQRT_1M_AB, t, grad_x_t) if ctx.needs_input_grad[2] else None
+    grad_x0, grad_noise = _input_grads(grad_x_t, *ctx.saved_tensors, ctx.needs_input_grad)
     return grad_x0, None, grad_noise, None, None, None, None, None
 
 
@@ -125,7 +122,7 @@ def q_sample(x0, t, noise, table, seed, *, store_noise=False):
     if torch.compiler.is_compiling():
         x_t, noise_out, _ = q_sample_op(x0, t, noise, table, seed, channels_last, store_noise, False)
         return x_t, noise_out if noise is None and store_noise else None
-    if torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad)):
+    if not eager(x0, noise):  # not compiling (above): gradients to record
         return _QSample.apply(x0, t, noise, table, seed, channels_last, store_noise)
     return q_sample_forward(x0, t, noise, table, seed, channels_last, store_noise)[:2]
 
@@ -134,7 +131,7 @@ def q_sample_drawing_t(x0, random, table):
     """(x_t, t) for a training step: t_b = random[1 + b] mod T and the noise seed random[0],
     `random` a (B + 1,) tensor of uniform non-negative int64s (see the module docstring)."""
     x0, channels_last = kernel_layout(x0)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x0.requires_grad):
+    if not eager(x0):
         x_t, _, t = q_sample_op(x0, random, None, table, None, channels_last, False, True)
     else:
         x_t, _, t = q_sample_forward(x0, random, None, table, None, channels_last, False, True)

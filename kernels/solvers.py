@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (AB, CHECKED, SQRT_RECIPM1_AB, channel_sizes, eager, kernel_layout, launch_config, like_layout,
-                      model_output_offsets, sample_numel, sample_offsets, step_noise)
+                      model_output_offsets, sample_numel, sample_offsets, load_noise)
 from ._launch import launch
 
 PREDICTION_IDS = {"eps": 0, "x0": 1, "v": 2}
@@ -176,7 +176,7 @@ def dpm_solver_kernel(out_ptr, x_ptr, h1_ptr, h2_ptr, noise_ptr, seed_ptr, t_ptr
     if ORDER == 3:
         x_prev += c2 * tl.load(h2_ptr + base + offs, mask=mask).to(tl.float32)
     if SDE:
-        z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+        z = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
         x_prev += sigma_t * alpha_t * tl.sqrt_rn(phi) * z
     tl.store(x_prev_ptr + base + offs, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -218,7 +218,7 @@ def euler_kernel(out_ptr, x_ptr, first_ptr, noise_ptr, seed_ptr, t_ptr, t_prev_p
         ratio = sigma_down / sigma
         x_prev = (alpha_next * ratio / alpha) * x + alpha_next * (1.0 - ratio) * x0
         if MODE == 1:
-            z = step_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
+            z = load_noise(noise_ptr, seed_ptr, sample, offs, mask, base, D, C, HW, DRAW_NOISE, CHANNELS_LAST, BLOCK)
             x_prev += alpha_next * sigma_up * z
     tl.store(x_prev_ptr + base + offs, x_prev.to(x_prev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
