@@ -58,19 +58,43 @@ def check_timesteps(t, name, like, schedule, allow_minus_one=False, values=True)
     if not values:
         return t
     low, T = (-1 if allow_minus_one else 0), schedule.num_timesteps
-    message = f"{name} must lie in [{low}, {T})"
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        smallest, largest = (int(v) for v in torch.aminmax(t))
-        if smallest < low or largest >= T:
-            raise ValueError(f"{message}, got values from {smallest} to {largest}")
-    else:
-        torch._assert_async(((t >= low) & (t < T)).all(), message)
+    check_values(t, (t >= low) & (t < T), f"{name} must lie in [{low}, {T})")
     return t.long()
 
 
+def check_values(t, valid, message):
+    """Every element of the bool tensor `valid` (about `t`) is true: checked exactly (ValueError with
+    t's range) for CPU tensors in eager mode, elsewhere by an asynchronous device assert."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(valid.all()):
+            raise ValueError(f"{message}, got values from {t.min().item()} to {t.max().item()}")
+    else:
+        torch._assert_async(valid.all(), message)
+
+
 def check_choice(value, name, choices):
-    if value not in choices:
+    """`value` is one of `choices`; a bool is none of a vocabulary without bools (True == 1)."""
+    if value not in choices or (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_bool(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_eta(eta):
+    """DDIM's eta: a number >= 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+
+
+def check_model(model, model_kwargs=None):
+    """A callable model, and its keyword arguments a dict or None."""
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
 
 
 def check_prediction(prediction, name="prediction"):

@@ -16,15 +16,16 @@ last timestep > 0 (diffusers adds noise there), thresholding other than plain cl
 
 diffusers is imported on first use of these names, not when fastddpm is.
 """
-import math
 import warnings
 
 import torch
 
 from . import functional as F
-from .options import DYNAMIC_THRESHOLD_PERCENTILE, PREDICTIONS, canonical_prediction
+from . import timesteps as TS
+from .options import PREDICTIONS, canonical_prediction
 from .respace import respace
-from .schedule import DIFFUSERS_VARIANCES, NoiseSchedule
+from .diffusers_config import DIFFUSERS_VARIANCES, diffusers_clip
+from .schedule import NoiseSchedule
 
 __all__ = ["DDPMScheduler", "DDIMScheduler", "pipeline_noise"]
 
@@ -49,16 +50,10 @@ def fused_options(config):
     """(prediction, clip_denoised) of fastddpm's ops for a DDPM / DDIM scheduler config, or None where
     the config asks for what they do not do (then diffusers' own step runs)."""
     prediction = canonical_prediction(config.prediction_type)
-    if prediction not in PREDICTIONS:
+    clip, difference = diffusers_clip(config)
+    if prediction not in PREDICTIONS or difference is not None:
         return None
-    if config.thresholding:
-        ratio, cap = config.dynamic_thresholding_ratio, config.sample_max_value
-        if cap == 1.0:  # the threshold clamped to [1, 1]: plain clipping
-            return prediction, True
-        return (prediction, "dynamic") if ratio == DYNAMIC_THRESHOLD_PERCENTILE and cap == math.inf else None
-    if config.clip_sample:
-        return (prediction, True) if config.clip_sample_range == 1.0 else None
-    return prediction, False
+    return prediction, False if clip is None else clip
 
 
 class _Fused:
@@ -140,16 +135,14 @@ class _DDIMStep(_Fused):
                                                                    and generator is not None):
             return super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=use_clipped_model_output,
                                 generator=generator, variance_noise=variance_noise, return_dict=return_dict)
-        t = int(timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        # past the start: ab_prev = 1 (set_alpha_to_one) or ab[0]
-        prev_t = prev_t if prev_t >= 0 else -1 if self.config.set_alpha_to_one else 0
+        t = _timesteps(timestep, sample)
+        prev_t = TS.ddim_prev_timesteps(t, self.config.num_train_timesteps, self.num_inference_steps,
+                                        self.config.set_alpha_to_one)
         noise = None
         if eta > 0:
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample, x0_hat = F.ddim_step(model_output, sample, _timesteps(t, sample), _timesteps(prev_t, sample),
-                                          self.fastddpm_schedule(), eta=float(eta), noise=noise,
+        prev_sample, x0_hat = F.ddim_step(model_output, sample, t, prev_t, self.fastddpm_schedule(), eta=float(eta), noise=noise,
                                           prediction=options[0], clip_denoised=options[1], return_x0_hat=True,
                                           use_clipped_model_output=bool(use_clipped_model_output))
         if not return_dict:

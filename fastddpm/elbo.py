@@ -6,8 +6,8 @@ import math
 import torch
 
 from . import functional, reference
-from ._checks import (check_choice, check_float, check_generator, check_model_dtype, check_prediction, check_schedule,
-                      model_output, schedule_default)
+from ._checks import (check_bool, check_choice, check_float, check_generator, check_model, check_model_dtype,
+                      check_prediction, check_schedule, model_output, schedule_default)
 from .options import CLIP_OPTIONS, STRATA, VARIANCES
 
 __all__ = ["elbo_bpd"]
@@ -97,8 +97,7 @@ def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denois
     """
     check_schedule(schedule)
     check_float(x0, "x0")
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
+    check_model(model, model_kwargs)
     check_model_dtype(model, x0.dtype, "x0")
     prediction = check_prediction(schedule_default(prediction, "prediction", schedule, "eps"))
     variance = schedule_default(variance, "variance", schedule, "fixed_small")
@@ -110,12 +109,9 @@ def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denois
     if timesteps is not None and (isinstance(timesteps, bool) or not isinstance(timesteps, int)
                                   or not 2 <= timesteps <= T):
         raise ValueError(f"timesteps must be None (every t) or an int in [2, T={T}], got {timesteps!r}")
-    if model_kwargs is not None and not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     if not (isinstance(batch_timesteps, bool) or (isinstance(batch_timesteps, int) and batch_timesteps >= 1)):
         raise ValueError(f"batch_timesteps must be a bool or an int >= 1, got {batch_timesteps!r}")
-    if not isinstance(tanh_cdf, bool):
-        raise TypeError(f"tanh_cdf must be a bool, got {type(tanh_cdf).__name__}")
+    check_bool(tanh_cdf, "tanh_cdf")
     check_choice(strata, "strata", STRATA)
     model_kwargs = model_kwargs or {}
     batch, device = x0.shape[0], x0.device

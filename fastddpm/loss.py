@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from ._checks import (check_choice, check_float, check_generator, check_like, check_model_dtype, check_prediction,
-                      check_schedule, model_output, schedule_default)
+from ._checks import (check_bool, check_choice, check_float, check_generator, check_like, check_model,
+                      check_model_dtype, check_prediction, check_schedule, model_output, schedule_default)
 from .options import REDUCTIONS, TIMESTEP_SAMPLERS, VARIANCES, WEIGHTINGS
 from .resample import LossSecondMomentSampler
 
@@ -97,8 +97,7 @@ class DiffusionLoss(nn.Module):
             check_choice(weighting, "weighting", WEIGHTINGS)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
             raise ValueError(f"gamma must be a number > 0, got {gamma!r}")
-        if not isinstance(self_condition, bool):
-            raise TypeError(f"self_condition must be a bool, got {type(self_condition).__name__}")
+        check_bool(self_condition, "self_condition")
         self.schedule = schedule
         self.prediction = prediction
         self.weighting = weighting
@@ -122,8 +121,7 @@ class DiffusionLoss(nn.Module):
         return cls(schedule, objective, "min_snr", gamma, reduction, self_condition=self_condition)
 
     def forward(self, model, x0, *, generator=None, **model_kwargs):
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
+        check_model(model)
         if isinstance(x0, torch.Tensor) and x0.dtype == torch.float64:
             check_model_dtype(model, x0.dtype, "x0")
         x_t, t, state = self.noise(x0, generator=generator)

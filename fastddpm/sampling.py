@@ -11,8 +11,9 @@ and DDIM by default, or diffusers' spacings, Karras and uniform-logSNR sigmas (f
 import torch
 
 from . import timesteps as TS
-from ._checks import (FLOAT_DTYPES, check_choice, check_generator, check_model_dtype, check_prediction, check_schedule,
-                      draw_seed, model_output, model_tensors, schedule_default)
+from ._checks import (FLOAT_DTYPES, check_bool, check_choice, check_eta, check_generator, check_model,
+                      check_model_dtype, check_prediction, check_schedule, draw_seed, model_output, model_tensors,
+                      schedule_default)
 from .backend import use_triton
 from .functional.solvers import SOLVER_TYPES
 from .guidance import ClassifierFreeGuidance
@@ -84,14 +85,11 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
         spacing = schedule.defaults.get("spacing")
     steps_offset = schedule_default(steps_offset, "steps_offset", schedule, 0)
     use_clipped_model_output = schedule_default(use_clipped_model_output, "use_clipped_model_output", schedule, True)
-    for name, flag in (("use_clipped_model_output", use_clipped_model_output), ("self_condition", self_condition)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_bool(use_clipped_model_output, "use_clipped_model_output")
+    check_bool(self_condition, "self_condition")
     check_generator(generator)
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x_t, t, **model_kwargs), got {type(model).__name__}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    check_model(model, model_kwargs)
+    check_eta(eta)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
     if not (isinstance(return_x0_hat, bool) or callable(return_x0_hat)):
@@ -129,7 +127,7 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
             orders = TS.dpm_solver_orders(n, MULTISTEP[method], lower_order_final=lower_order_final,
                                           final_sigmas_type=final_sigmas_type)
         stochastic = method in STOCHASTIC and noise_fn is None and triton_path
-        seeds = draw_seed(device, generator) + torch.arange(n, device=device) if stochastic else None
+        seeds = _step_seeds(n, device, generator) if stochastic else None
         x, x0_hat = solver_loop(denoise, x, schedule, method=method, plan=plan, orders=orders,
                                 correctors=correctors, solver_type=solver_type, seeds=seeds, noise_fn=noise_fn,
                                 generator=generator, options=dict(prediction=prediction, clip=clip_denoised),
@@ -146,9 +144,8 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
         schedule, method, steps, spacing, steps_offset, set_alpha_to_one, shape[0], device)
     adds_noise = method == "ddpm" or eta > 0
     n = t_steps.shape[0]
-    # the Triton path draws all the steps' Philox seeds at once: seed + k keys step k's stream
     drawn_in_kernel = triton_path and adds_noise and noise_fn is None
-    seeds = draw_seed(device, generator) + torch.arange(n, device=device) if drawn_in_kernel else None
+    seeds = _step_seeds(n, device, generator) if drawn_in_kernel else None
     options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat)
     if method == "ddim":
         options["use_clipped_model_output"] = use_clipped_model_output
@@ -160,6 +157,12 @@ def sample(model, shape, schedule, *, method="ddpm", steps=None, eta=0.0, predic
                                cuda_graph=cuda_graph, noise_fn=noise_fn if adds_noise else None, draws=draws,
                                self_condition=self_condition)
     return (x, x0_hat) if return_x0_hat else x
+
+
+def _step_seeds(n, device, generator):
+    """The Philox seeds of n steps, drawn at once (one RNG launch, no sync in the loop): seed + k keys
+    step k's stream."""
+    return draw_seed(device, generator) + torch.arange(n, device=device)
 
 
 def _ancestral_plan(schedule, method, steps, spacing, steps_offset, set_alpha_to_one, batch, device):
@@ -207,8 +210,6 @@ def _solver_plan(schedule, method, steps, spacing, steps_offset, karras, lu_lamb
 def _denoiser(model, model_kwargs, guidance_scale, null_kwargs, variance, channels, device, self_condition):
     """fn(x_t, t, x0_hat of the previous step) -> the model output tensor, with classifier-free
     guidance when guidance_scale is set; x0_hat reaches the model only with self_condition."""
-    if model_kwargs is not None and not isinstance(model_kwargs, dict):
-        raise TypeError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     if guidance_scale is not None:
         learned = channels if variance == "learned_range" else None
         guided = ClassifierFreeGuidance(model, guidance_scale, model_kwargs, null_kwargs, learned_channels=learned,

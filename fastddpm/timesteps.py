@@ -195,7 +195,7 @@ def dpm_solver_orders(num_inference_steps, order=2, *, lower_order_final=True, f
     the last step first order if euler_at_final, or lower_order_final with n < 15, or the final σ is 0;
     the second to last at most second order if lower_order_final with n < 15."""
     _counts(2, num_inference_steps)
-    _check_order(order, (1, 2, 3))
+    check_choice(order, "order", (1, 2, 3))
     check_choice(final_sigmas_type, "final_sigmas_type", FINAL_SIGMAS)
     n, few = num_inference_steps, lower_order_final and num_inference_steps < 15
     orders = []
@@ -214,7 +214,7 @@ def unipc_orders(num_inference_steps, order=2, *, lower_order_final=True):
     order min(order, k + 1, n - k if lower_order_final); the corrector of step k, applied to the
     sample the predictor of step k - 1 made, has that predictor's order (0: no corrector at k = 0)."""
     _counts(2, num_inference_steps)
-    _check_order(order, (1, 2))
+    check_choice(order, "order", (1, 2))
     n = num_inference_steps
     predictor = [min(order, k + 1, n - k if lower_order_final else order) for k in range(n)]
     return predictor, [0] + predictor[:-1]
@@ -252,8 +252,3 @@ def _counts(num_train_timesteps, num_inference_steps, most=None):
 def _check_offset(steps_offset):
     if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
         raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
-
-
-def _check_order(order, allowed):
-    if isinstance(order, bool) or order not in allowed:
-        raise ValueError(f"order must be one of {allowed}, got {order!r}")

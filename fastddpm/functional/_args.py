@@ -3,14 +3,14 @@ import torch
 
 from fastddpm._checks import check_choice, check_float, check_generator, check_like, check_schedule, check_timesteps
 from fastddpm.backend import use_triton
-from fastddpm.options import CLIP_OPTIONS, PREDICTIONS, REDUCTIONS, VARIANCES, WEIGHTINGS
+from fastddpm.options import CLIP_OPTIONS, REDUCTIONS, VARIANCES, WEIGHTINGS
 
 
-def check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised):
-    """The reverse-process ops' arguments; returns (t, whether the Triton kernels run)."""
+def check_reverse(model_output, x_t, t, schedule, variance, clip_denoised):
+    """The reverse-process ops' arguments (the prediction: `check_prediction`); returns (t, whether the
+    Triton kernels run)."""
     check_schedule(schedule)
     check_float(x_t, "x_t")
-    check_choice(prediction, "prediction", PREDICTIONS)
     check_choice(clip_denoised, "clip_denoised", CLIP_OPTIONS)
     channels = x_t.shape[1]
     if variance is None:  # DDIM: the variance half of a learned-range output is ignored
@@ -66,15 +66,15 @@ def check_noise_or_seed(noise, seed, x0, triton_path):
 
 
 def check_seed(seed, like):
+    """A Philox seed: a 1-element int64 tensor on like's device."""
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise TypeError("seed must be a 1-element int64 tensor")
+        raise TypeError(f"seed must be a 1-element int64 tensor, got {getattr(seed, 'dtype', type(seed).__name__)}")
     if seed.device != like.device:
-        raise ValueError(f"seed is on {seed.device} but x0 is on {like.device}")
+        raise ValueError(f"seed is on {seed.device} but the data is on {like.device}")
     return seed.reshape(1)
 
 
-def check_loss_options(schedule, prediction, weighting, reduction):
-    check_choice(prediction, "prediction", PREDICTIONS)
+def check_loss_options(schedule, weighting, reduction):
     check_choice(reduction, "reduction", REDUCTIONS)
     if isinstance(weighting, torch.Tensor):
         if weighting.numel() != schedule.num_timesteps:

@@ -2,7 +2,7 @@
 import torch
 
 from fastddpm import reference
-from fastddpm._checks import (check_float, check_like, check_prediction, check_schedule)
+from fastddpm._checks import check_bool, check_float, check_like, check_prediction, check_schedule
 from fastddpm.kernels import vlb as vlb_kernel
 
 from ._args import check_reverse
@@ -45,12 +45,11 @@ def vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, *, prediction="
     dynamic thresholding is a per-sample quantile: both run the reference, the latter in float64
     and returned in float32."""
     prediction = check_prediction(prediction)
-    t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    t, triton_path = check_reverse(model_output, x_t, t, schedule, variance, clip_denoised)
     check_like(x0, "x0", x_t, "x_t")
     if noise is not None:
         check_like(noise, "noise", x_t, "x_t")
-    if not isinstance(tanh_cdf, bool):
-        raise TypeError(f"tanh_cdf must be a bool, got {type(tanh_cdf).__name__}")
+    check_bool(tanh_cdf, "tanh_cdf")
     options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
     if not triton_path or torch.float64 in (model_output.dtype, x0.dtype, x_t.dtype):
         return reference.vb_terms_with_mse(model_output, x0, x_t, noise, t, schedule, **options)

@@ -2,8 +2,8 @@
 import torch
 
 from fastddpm import reference, torch_ops
-from fastddpm._checks import (check_float, check_generator, check_like, check_prediction, check_schedule,
-                              check_timesteps, draw_seed)
+from fastddpm._checks import (check_bool, check_eta, check_float, check_generator, check_like, check_prediction,
+                              check_schedule, check_timesteps, draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import posterior as posterior_kernel
 from fastddpm.kernels import q_sample as q_sample_kernel
@@ -60,7 +60,7 @@ def p_mean_variance(model_output, x_t, t, schedule, *, prediction="eps", varianc
     """(mean, variance, log_variance, x0_hat) of p(x_{t-1} | x_t); with variance="learned_range"
     the model output has 2C channels. clip_denoised: False, True (clip x0_hat to [-1, 1]) or "dynamic"."""
     prediction = check_prediction(prediction)
-    t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    t, triton_path = check_reverse(model_output, x_t, t, schedule, variance, clip_denoised)
     if triton_path:
         return posterior_kernel.p_mean_variance(model_output, x_t, t, *_tables(schedule, prediction, x_t),
                                                 variance=variance, clip_denoised=clip_denoised)
@@ -77,7 +77,7 @@ def p_sample_step(model_output, x_t, t, schedule, *, noise=None, generator=None,
     `seed`). `return_x0_hat=True` returns (x_{t-1}, x0_hat), x0_hat as used for the mean.
     """
     prediction = check_prediction(prediction)
-    t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, variance, clip_denoised)
+    t, triton_path = check_reverse(model_output, x_t, t, schedule, variance, clip_denoised)
     check_noise(noise, generator, x_t)
     seed = check_drawn_seed(seed, noise, x_t, triton_path)
     options = dict(prediction=prediction, variance=variance, clip_denoised=clip_denoised,
@@ -106,12 +106,10 @@ def ddim_step(model_output, x_t, t, t_prev, schedule, *, eta=0.0, noise=None, ge
     unless use_clipped_model_output=False, which keeps the model's own eps (DDIMPipeline's default).
     """
     prediction = check_prediction(prediction)
-    t, triton_path = check_reverse(model_output, x_t, t, schedule, prediction, None, clip_denoised)
+    t, triton_path = check_reverse(model_output, x_t, t, schedule, None, clip_denoised)
     t_prev = check_timesteps(t_prev, "t_prev", x_t, schedule, allow_minus_one=True, values=not triton_path)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
-    if not isinstance(use_clipped_model_output, bool):
-        raise TypeError(f"use_clipped_model_output must be a bool, got {type(use_clipped_model_output).__name__}")
+    check_eta(eta)
+    check_bool(use_clipped_model_output, "use_clipped_model_output")
     check_noise(noise, generator, x_t)
     seed = check_drawn_seed(seed, noise, x_t, triton_path)
     options = dict(eta=eta, prediction=prediction, clip_denoised=clip_denoised, return_x0_hat=return_x0_hat,

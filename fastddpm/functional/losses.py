@@ -2,8 +2,8 @@
 import torch
 
 from fastddpm import reference, torch_ops
-from fastddpm._checks import (check_choice, check_float, check_like, check_prediction, check_schedule, check_timesteps,
-                              draw_seed)
+from fastddpm._checks import (check_bool, check_choice, check_float, check_like, check_prediction, check_schedule,
+                              check_timesteps, draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import hybrid as hybrid_kernel
 from fastddpm.kernels import loss as loss_kernel
@@ -27,7 +27,7 @@ def diffusion_loss(model_output, x0, noise, t, schedule, *, prediction="eps", we
     check_schedule(schedule)
     check_float(x0, "x0")
     check_like(model_output, "model_output", x0, "x0")
-    check_loss_options(schedule, prediction, weighting, reduction)
+    check_loss_options(schedule, weighting, reduction)
     triton_path = use_triton(x0)
     t = check_timesteps(t, "t", x0, schedule, values=not triton_path)
     seed = check_noise_or_seed(noise, seed, x0, triton_path)
@@ -108,7 +108,7 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
         raise ValueError(f"loss='hybrid' trains a learned variance: variance must be 'learned_range', got {variance!r}")
     channels = 2 * x0.shape[1] if variance == "learned_range" else x0.shape[1]
     check_like(model_output, "model_output", x0, "x0", (x0.shape[0], channels, *x0.shape[2:]))
-    check_loss_options(schedule, prediction, weighting, reduction)
+    check_loss_options(schedule, weighting, reduction)
     triton_path = use_triton(x0)
     t = check_timesteps(t, "t", x0, schedule, values=not triton_path)
     seed = check_noise_or_seed(noise, seed, x0, triton_path)
@@ -116,9 +116,8 @@ def hybrid_loss(model_output, x0, noise, t, schedule, *, prediction="eps", weigh
         vlb_weight = schedule.num_timesteps / 1000.0 if loss == "hybrid" else float(schedule.num_timesteps)
     if isinstance(vlb_weight, bool) or not isinstance(vlb_weight, (int, float)) or not 0 <= vlb_weight < float("inf"):
         raise ValueError(f"vlb_weight must be a finite float >= 0 or None, got {vlb_weight!r}")
-    for name, flag in (("tanh_cdf", tanh_cdf), ("return_terms", return_terms)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_bool(tanh_cdf, "tanh_cdf")
+    check_bool(return_terms, "return_terms")
     options = dict(prediction=prediction, weighting=weighting, gamma=gamma, vlb_weight=vlb_weight,
                    reduction=reduction, loss=loss, variance=variance, tanh_cdf=tanh_cdf, return_terms=return_terms)
     if not triton_path:

@@ -20,11 +20,12 @@ the float64-capable reference below (`reference_*`), by `fastddpm.backend.use_tr
 import torch
 
 from fastddpm._checks import (check_choice, check_float, check_generator, check_like, check_prediction, check_schedule,
-                              check_timesteps, draw_seed)
+                              check_timesteps, check_values, draw_seed)
 from fastddpm.backend import use_triton
 from fastddpm.kernels import solvers as solver_kernel
-from fastddpm.options import PREDICTIONS
 from fastddpm.reference import solvers as solver_reference
+
+from ._args import check_seed
 
 TIMES = ("timestep", "sigma")
 SOLVERS = ("dpmsolver++", "sde-dpmsolver++")
@@ -50,10 +51,10 @@ def dpm_solver_step(model_output, x_t, t, t_prev, schedule, *, history=(), order
     prediction = check_prediction(prediction)
     check_choice(solver, "solver", SOLVERS)
     check_choice(solver_type, "solver_type", SOLVER_TYPES)
-    _check_order(order, (1, 2, 3))
+    check_choice(order, "order", (1, 2, 3))
     sde = solver == "sde-dpmsolver++"
-    times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, min(order, 3) - 1, prediction,
-                             clip_denoised, time)
+    times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, min(order, 3) - 1, clip_denoised,
+                             time)
     seed = _check_noise(noise, generator, seed, x_t, sde)
     return dpm_solver_update(model_output, x_t, times, x0s, schedule, time=time, sde=sde, heun=solver_type == "heun",
                              noise=noise, seed=seed, generator=generator, prediction=prediction, clip=clip_denoised)
@@ -62,7 +63,7 @@ def dpm_solver_step(model_output, x_t, t, t_prev, schedule, *, history=(), order
 def euler_step(model_output, x_t, t, t_prev, schedule, *, prediction="eps", clip_denoised=False, time="timestep"):
     """One Euler step of the probability-flow ODE (EulerDiscreteScheduler, k-diffusion's sample_euler)."""
     prediction = check_prediction(prediction)
-    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
+    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, clip_denoised, time)
     return euler_update("euler", model_output, x_t, times, schedule, time=time, prediction=prediction,
                         clip=clip_denoised)
 
@@ -72,7 +73,7 @@ def euler_ancestral_step(model_output, x_t, t, t_prev, schedule, *, noise=None, 
     """One Euler ancestral step (EulerAncestralDiscreteScheduler, sample_euler_ancestral with eta 1):
     Euler to σ_down, then noise of σ_up; noise as in `dpm_solver_step`."""
     prediction = check_prediction(prediction)
-    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
+    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, clip_denoised, time)
     seed = _check_noise(noise, generator, seed, x_t, True)
     return euler_update("ancestral", model_output, x_t, times, schedule, time=time, noise=noise, seed=seed,
                         generator=generator, prediction=prediction, clip=clip_denoised)
@@ -89,7 +90,7 @@ def heun_step(model_output, x_t, t, t_prev, schedule, *, x0_hat_first=None, pred
     model output is the model's at (x_mid, t_prev). The last step to σ = 0 is the predictor alone.
     """
     prediction = check_prediction(prediction)
-    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, prediction, clip_denoised, time)
+    times, _ = _check_step(model_output, x_t, t, t_prev, schedule, (), 0, clip_denoised, time)
     if x0_hat_first is not None:
         check_like(x0_hat_first, "x0_hat_first", x_t, "x_t")
     mode = "euler" if x0_hat_first is None else "heun"
@@ -107,12 +108,12 @@ def unipc_step(model_output, x_t, t, t_prev, schedule, *, history=(), order=2, c
     min(order, len(history)); 0 for no correction (the first step).
     """
     prediction = check_prediction(prediction)
-    _check_order(order, (1, 2))
+    check_choice(order, "order", (1, 2))
     if corrector_order is None:
         corrector_order = min(order, len(history))
-    _check_order(corrector_order, (0, 1, 2), "corrector_order")
+    check_choice(corrector_order, "corrector_order", (0, 1, 2))
     used = max(order - 1, corrector_order)
-    times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, used, prediction, clip_denoised, time)
+    times, x0s = _check_step(model_output, x_t, t, t_prev, schedule, history, used, clip_denoised, time)
     if corrector_order > len(x0s):
         raise ValueError(f"corrector_order={corrector_order} needs {corrector_order} history entries, "
                          f"got {len(x0s)}")
@@ -178,7 +179,7 @@ def _noise(noise, generator, x_t, wanted):
 # -- checks ------------------------------------------------------------------------------------
 
 
-def _check_step(model_output, x_t, t, t_prev, schedule, history, used, prediction, clip_denoised, time):
+def _check_step(model_output, x_t, t, t_prev, schedule, history, used, clip_denoised, time):
     """Validate a step's common arguments; returns ([t, t_prev, history times…], [history x0_hat…]), the
     history cut to its first `used` entries."""
     check_schedule(schedule)
@@ -186,7 +187,6 @@ def _check_step(model_output, x_t, t, t_prev, schedule, history, used, predictio
     channels, shape = x_t.shape[1], tuple(x_t.shape)
     wide = getattr(model_output, "shape", (None, None))[1:2] == (2 * channels,)
     check_like(model_output, "model_output", x_t, "x_t", shape=(shape[0], 2 * channels, *shape[2:]) if wide else None)
-    check_choice(prediction, "prediction", PREDICTIONS)
     check_choice(clip_denoised, "clip_denoised", (False, True))
     check_choice(time, "time", TIMES)
     if not isinstance(history, (tuple, list)):
@@ -229,11 +229,7 @@ def _check_time(t, name, like, schedule, time, end, values):
     else:
         valid = torch.isfinite(t) & ((t >= 0) if end else (t > 0))
         message = f"{name} must be finite and {'>= 0' if end else '> 0'}"
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(valid.all()):
-            raise ValueError(f"{message}, got values from {float(t.min())} to {float(t.max())}")
-    else:
-        torch._assert_async(valid.all(), message)
+    check_values(t, valid, message)
     return t
 
 
@@ -243,17 +239,9 @@ def _check_noise(noise, generator, seed, x_t, stochastic):
     if noise is not None:
         check_like(noise, "noise", x_t, "x_t")
     if seed is not None:
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed must be a 1-element int64 tensor, got {getattr(seed, 'dtype', type(seed).__name__)}")
-        if seed.device != x_t.device:
-            raise ValueError(f"seed is on {seed.device} but x_t is on {x_t.device}")
+        seed = check_seed(seed, x_t)
         if not use_triton(x_t):
             raise ValueError("seed needs the triton backend (in-kernel noise); the reference draws with generator")
     if not stochastic or noise is not None or not use_triton(x_t):
         return None
     return seed if seed is not None else draw_seed(x_t.device, generator)
-
-
-def _check_order(order, allowed, name="order"):
-    if isinstance(order, bool) or order not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {order!r}")
