@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "diffusers", "import-linter"],
-        "demo": ["scikit-learn", "matplotlib", "tqdm"],
+        "demo": ["scikit-learn", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastddpm = fastddpm.cli:main"]},
 )

@@ -125,11 +125,9 @@ def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denois
     per_call = count if batch_timesteps is True else 1 if batch_timesteps is False else min(batch_timesteps, count)
     result_dtype = reference.compute_dtype(x0)
     stats = torch.zeros(3, batch, count, dtype=result_dtype, device=device)  # vb, mse, xstart_mse
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress is optional
-        tqdm = None
-    bar = tqdm(total=count, desc="bits/dim", disable=not progress) if tqdm is not None else None
+    from tqdm.auto import tqdm  # imported when used: it costs the package's import time otherwise
+
+    bar = tqdm(total=count, desc="bits/dim", disable=not progress)
     with torch.no_grad():
         for first in range(0, count, per_call):
             chunk = order[first:first + per_call]
@@ -147,10 +145,8 @@ def elbo_bpd(model, x0, schedule, *, prediction=None, variance=None, clip_denois
                                                                clip_denoised=clip_denoised, tanh_cdf=tanh_cdf)
             for row, values in enumerate((vb, eps_mse, x0_mse)):
                 stats[row][:, chunk] = values.to(result_dtype).reshape(k, batch).T
-            if bar is not None:
-                bar.update(k)
-    if bar is not None:
-        bar.close()
+            bar.update(k)
+    bar.close()
     prior = reference.prior_bpd(x0, schedule).to(result_dtype)
     vb, mse, xstart_mse = stats
     if timesteps is None:

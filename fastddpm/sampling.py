@@ -257,8 +257,6 @@ def _check_shape(shape):
 
 
 def _progress(iterable):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional (the demo extra)
-        return iterable
+    from tqdm.auto import tqdm  # imported when asked for: it costs the package's import time otherwise
+
     return tqdm(iterable, desc="sampling", leave=False)
