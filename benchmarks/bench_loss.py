@@ -7,9 +7,10 @@ The model is left out: `pred` is a fresh tensor requiring grad, standing in for 
   fused kernels (noise drawn in q-sample and regenerated in the loss, gradient written in the
   forward pass); on CPU, under backend "auto", the PyTorch path users get there
   (`torch_ops.q_sample` and `torch_ops.diffusion_loss`), not the kernels.
-- eager: diffusers' training scripts: `randn_like`, `DDPMScheduler.add_noise`'s formula (in the
-  input dtype), `F.mse_loss(pred.float(), noise.float())`; for min_snr the per-sample form of
-  diffusers' train_text_to_image.py (`compute_snr`, `min(snr, gamma) / snr`).
+- eager: diffusers' training scripts, with diffusers' own code: `randn_like`, `randint`,
+  `DDPMScheduler.add_noise` (in the input dtype), `F.mse_loss(pred.float(), noise.float())`; for
+  min_snr the per-sample form of train_text_to_image.py (`diffusers.training_utils.compute_snr`,
+  `min(snr, gamma) / snr`).
 - compile: `torch.compile` (Inductor, static shapes) of that same eager code. On CPU, Inductor
   lowers `randn_like` to its own per-element Philox in C++, several times slower than ATen's
   (`torch._inductor.config.fallback_random = True` avoids it); this is the default users get.
@@ -42,53 +43,51 @@ PROVIDERS = ("fastddpm", "eager", "compile")
 MIN_SNR_GAMMA = 5.0
 
 
-def add_noise(x0, noise, t, alphas_cumprod):
-    """diffusers' DDPMScheduler.add_noise: the table cast to the input dtype first."""
-    alphas_cumprod = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    sqrt_alpha_prod = (alphas_cumprod[t] ** 0.5).flatten().reshape(shape)
-    sqrt_one_minus_alpha_prod = ((1 - alphas_cumprod[t]) ** 0.5).flatten().reshape(shape)
-    return sqrt_alpha_prod * x0 + sqrt_one_minus_alpha_prod * noise
+def diffusers_scheduler(schedule):
+    """diffusers' DDPMScheduler with the schedule's betas (its tables in float32, as diffusers keeps them)."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.tolist())
 
 
-def compute_snr(alphas_cumprod, t):
-    """diffusers.training_utils.compute_snr, in float32 as there."""
-    alpha = (alphas_cumprod ** 0.5).to(t.device)[t].float()
-    sigma = ((1.0 - alphas_cumprod) ** 0.5).to(t.device)[t].float()
-    return (alpha / sigma) ** 2
+def eager_loss_path(schedule, weighting):
+    """fn(x0, pred) -> (loss, x_t): the loss path of diffusers' example training scripts (eps
+    prediction), their own calls: randn_like, randint, `DDPMScheduler.add_noise`, then `eager_loss`."""
+    scheduler = diffusers_scheduler(schedule)
+    loss = eager_loss(scheduler, weighting)
+
+    def path(x0, pred):
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        return loss(pred, noise, t), x_t
+    return path
 
 
-def eager_loss_path(x0, pred, alphas_cumprod, weighting):
-    """The loss path of diffusers' example training scripts (eps prediction)."""
-    noise = torch.randn_like(x0)
-    t = torch.randint(0, alphas_cumprod.numel(), (x0.shape[0],), device=x0.device)
-    x_t = add_noise(x0, noise, t, alphas_cumprod)
-    return eager_loss(pred, noise, t, alphas_cumprod, weighting), x_t
-
-
-def eager_loss(pred, noise, t, alphas_cumprod, weighting):
-    """diffusers' loss of an eps prediction: the MSE, or for min_snr the per-sample form of
-    train_text_to_image.py."""
+def eager_loss(scheduler, weighting):
+    """fn(pred, noise, t): diffusers' loss of an eps prediction, `F.mse_loss(pred.float(),
+    noise.float())`, or for min_snr the per-sample form of train_text_to_image.py with
+    diffusers.training_utils.compute_snr."""
     if weighting == "simple":
-        return F.mse_loss(pred.float(), noise.float(), reduction="mean")
-    snr = compute_snr(alphas_cumprod, t)
-    weights = torch.stack([snr, MIN_SNR_GAMMA * torch.ones_like(t)], dim=1).min(dim=1)[0] / snr
-    loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+        return lambda pred, noise, t: F.mse_loss(pred.float(), noise.float(), reduction="mean")
+    from diffusers.training_utils import compute_snr
+
+    def min_snr(pred, noise, t):
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, MIN_SNR_GAMMA * torch.ones_like(t)], dim=1).min(dim=1)[0] / snr
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
+        return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    return min_snr
 
 
 def loss_paths(schedule, weighting):
     """{provider: fn(x0, pred) -> (loss, x_t)}."""
     loss_fn = DiffusionLoss(schedule, prediction="eps", weighting=weighting, gamma=MIN_SNR_GAMMA)
-    alphas_cumprod = schedule.alphas_cumprod.float()
 
     def fastddpm(x0, pred):
         x_t, _, state = loss_fn.noise(x0)
         return loss_fn.loss(pred, x0, state), x_t
 
-    def eager(x0, pred):
-        return eager_loss_path(x0, pred, alphas_cumprod, weighting)
-
+    eager = eager_loss_path(schedule, weighting)
     # a fresh compile for every shape and dtype (static shapes, no recompile limit reached)
     torch.compiler.reset()
     return {"fastddpm": fastddpm, "eager": eager, "compile": torch.compile(eager, dynamic=False)}

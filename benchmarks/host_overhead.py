@@ -9,10 +9,10 @@ the Triton kernels' execution stubbed. Providers:
 - fastddpm: the kernels' path with every launch a no-op (the `launch` each kernels module calls
   swapped): Python, argument checks, the dispatcher, autograd and each op's launcher are timed;
   kernels/_launch.launch and Triton's launch path are not.
-- fastddpm+launch: the same, each launch made as on a GPU by kernels/_launch.launch: the first one
-  of each specialization through Triton's real `JITFunction.run` (argument binding and
-  specialization, cache key, compile), later ones calling the compiled kernel directly; with a
-  faked driver (device 0, stream 0, an sm_90 target) and faked compiles that return a kernel
+- fastddpm+launch: the same code with the kernels modules' real `launch` (kernels/_launch.launch)
+  and their kernels made JITFunctions, each launch made as on a GPU: the first one of each
+  specialization through Triton's real `JITFunction.run` (argument binding and specialization,
+  cache key, compile), later ones calling the compiled kernel directly; with a faked driver (device 0, stream 0, an sm_90 target) and faked compiles that return a kernel
   whose `run` does nothing. Still excluded: the C launcher (argument packing and cuLaunchKernel,
   a few µs a launch on a GPU) and torch.cuda's device and stream queries.
 - reference: fastddpm's PyTorch path (backend "reference"), what runs on CPU tensors.
@@ -26,14 +26,15 @@ dispatch does. ratio = peer / fastddpm: above 1, fastddpm spends less host time 
 import contextlib
 import importlib
 import inspect
+import statistics
 import time
 import types
 import warnings
 
 import torch
 from triton.compiler import CompiledKernel
+from triton.runtime.interpreter import InterpretedFunction
 
-from fastddpm.kernels._launch import launch
 
 from . import harness, paths
 from .traffic import _swapped
@@ -45,12 +46,8 @@ PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-
 
 
 class _Launches:
-    """How the swapped `launch` launches: not at all, or as on a GPU."""
-    jit = False
+    """Launches counted by the stubbed `launch` (the fastddpm provider)."""
     calls = 0
-    functions = {}
-    jit_calls = 0
-    jit_seconds = 0.0  # spent launching (wall clock)
 
 
 class _FakeDriver:
@@ -111,38 +108,60 @@ def jit_function(kernel, **options):
     return JITFunction(kernel.fn, **{k: v for k, v in {**given, **options}.items() if k in accepted})
 
 
-def _launch(interpreted, grid, *args, **kwargs):
-    """What the kernels modules call in place of kernels/_launch.launch: nothing (or, with
-    `_Launches.jit`, the launch path with a JITFunction of the interpreted kernel)."""
+def _counted(kernel, grid, *args, **kwargs):
+    """The fastddpm provider's `launch`: counted, nothing launched."""
     _Launches.calls += 1
-    if not _Launches.jit:
-        return None
-    function = _Launches.functions.get(interpreted)
-    if function is None:
-        function = _Launches.functions[interpreted] = jit_function(interpreted)
-    start = time.perf_counter()
-    kernel = launch(function, grid, *args, **kwargs)
-    _Launches.jit_seconds += time.perf_counter() - start
-    _Launches.jit_calls += 1
-    return kernel
+
+
+class LaunchModes:
+    """Switches the kernels modules between the two fastddpm providers with a few setattrs (cheap
+    enough to make at the start of every timed step): `stub()`, each module's `launch` is
+    `_counted`; `gpu()`, the real kernels/_launch.launch of each module's kernels made JITFunctions
+    (see `faked_gpu`), so that the provider times exactly the code a GPU's launch runs;
+    `restore()`, the modules as they were."""
+
+    def __init__(self):
+        self.original, self.stubbed, self.jit = [], [], []
+        for name in KERNEL_MODULES:
+            module = importlib.import_module(f"fastddpm.kernels.{name}")
+            for attr, value in vars(module).items():
+                if attr == "launch" or isinstance(value, InterpretedFunction):
+                    self.original.append((module, attr, value))
+                    self.stubbed.append((module, attr, _counted if attr == "launch" else value))
+                    self.jit.append((module, attr, value if attr == "launch" else jit_function(value)))
+
+    @staticmethod
+    def _set(values):
+        for module, attr, value in values:
+            setattr(module, attr, value)
+
+    def stub(self):
+        self._set(self.stubbed)
+
+    def gpu(self):
+        self._set(self.jit)
+
+    def restore(self):
+        self._set(self.original)
 
 
 @contextlib.contextmanager
 def stubbed_launches():
-    """Kernel launches do nothing (or, with `_Launches.jit`, only their launch path): each kernels
-    module's `launch` swapped, so that nothing is timed that a GPU's path would not run."""
-    with contextlib.ExitStack() as stack:
-        for name in KERNEL_MODULES:
-            stack.enter_context(_swapped(importlib.import_module(f"fastddpm.kernels.{name}"), "launch", _launch))
-        stack.enter_context(warnings.catch_warnings())
+    """A LaunchModes in stub mode, Triton's launch path faked (`faked_gpu`) for its gpu mode, the
+    kernels modules restored after."""
+    modes = LaunchModes()
+    with warnings.catch_warnings(), faked_gpu():
         warnings.simplefilter("ignore")  # Triton's one-time notices about its defaults
-        stack.enter_context(faked_gpu())
-        yield
+        modes.stub()
+        try:
+            yield modes
+        finally:
+            modes.restore()
 
 
-def _timed(fn, jit=False):
+def _timed(fn, switch):
     def step():
-        _Launches.jit = jit
+        switch()
         for _ in range(INNER):
             fn()
     return step
@@ -150,29 +169,30 @@ def _timed(fn, jit=False):
 
 def measure(cases=None, reps=20):
     """{(case, provider): [p50, p20, p80] in µs per call}, {case: Triton launches per call} and the
-    mean µs of one launch once compiled (None if left out)."""
-    times, launches = {}, {}
-    jit_calls, jit_seconds = 0, 0.0
-    with stubbed_launches():
+    median µs of one launch once compiled, (fastddpm+launch - fastddpm) / launches over every
+    case (None if left out)."""
+    times, launches, per_launch = {}, {}, []
+    with stubbed_launches() as modes:
         for case in cases or paths.CASES:
             _, steps = case.steps(SIZE)
-            timed = {name: _timed(steps[name].fn) for name in PROVIDERS if name in steps}
-            timed["fastddpm+launch"] = _timed(steps["fastddpm"].fn, jit=True)
+            timed = {name: _timed(steps[name].fn, modes.stub) for name in PROVIDERS if name in steps}
+            timed["fastddpm+launch"] = _timed(steps["fastddpm"].fn, modes.gpu)
             try:
                 timed["fastddpm+launch"]()  # the first launch of each kernel "compiles"
             except Exception as error:  # a Triton whose launch path these fakes do not fit
                 warnings.warn(f"fastddpm+launch left out: Triton's launch path could not be faked ({error!r})")
                 del timed["fastddpm+launch"]
-            _Launches.jit, _Launches.calls = False, 0
+            modes.stub()
+            _Launches.calls = 0
             steps["fastddpm"].fn()
             launches[case] = _Launches.calls
             order = [name for name in PROVIDERS if name in timed]
-            _Launches.jit_calls, _Launches.jit_seconds = 0, 0.0
             result = harness.time_cpu({name: timed[name] for name in order}, reps, clock=time.process_time)
-            jit_calls, jit_seconds = jit_calls + _Launches.jit_calls, jit_seconds + _Launches.jit_seconds
             for name in order:
                 times[case, name] = [1e3 * ms / INNER for ms in result[name]]
-    return times, launches, 1e6 * jit_seconds / jit_calls if jit_calls else None
+            if "fastddpm+launch" in timed and launches[case]:
+                per_launch.append((times[case, "fastddpm+launch"][0] - times[case, "fastddpm"][0]) / launches[case])
+    return times, launches, statistics.median(per_launch) if per_launch else None
 
 
 def rows(times):
@@ -197,7 +217,7 @@ def format_table(times, launches, per_launch):
         lines.append(f"{'':26}{launches[case]} Triton launches a call")
     if per_launch is not None:
         lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): "
-                     f"{per_launch:.1f} µs a launch")
+                     f"{per_launch:.1f} µs a launch (median over the paths)")
     return "\n".join(lines)
 
 

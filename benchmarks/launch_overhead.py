@@ -13,7 +13,6 @@ rounds (harness.time_cpu).
     python -m fastddpm.benchmarks.launch_overhead [--reps 30]
 """
 import contextlib
-import os
 import time
 import warnings
 
@@ -52,18 +51,13 @@ def recorded_launches():
     def record(kernel, grid, *args, **kwargs):
         launches.setdefault(kernel.fn.__name__, (kernel, grid, args, kwargs))
 
-    interpret, previous = os.environ.get("TRITON_INTERPRET"), backend.get_backend()
     with contextlib.ExitStack() as stack:
         for module in (q_sample, loss, posterior, vlb, hybrid):
             stack.enter_context(_swapped(module, "launch", record))
-        os.environ["TRITON_INTERPRET"] = "1"  # backend "triton" takes CPU tensors (nothing is run)
-        backend.set_backend("triton")
-        try:
-            for op in _ops():
-                op()
-        finally:
-            backend.set_backend(previous)
-            os.environ["TRITON_INTERPRET"] = interpret or "0"
+        stack.enter_context(_swapped(backend, "_INTERPRETER", True))  # backend "triton" takes CPU tensors (none run)
+        stack.enter_context(backend.use_backend("triton"))
+        for op in _ops():
+            op()
     return launches
 
 

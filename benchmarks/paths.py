@@ -5,8 +5,9 @@ A model output tensor stands in for the model (no model call). Providers:
 
 - fastddpm: the public API on backend "triton" (the kernels; Triton's interpreter on CPU);
   reference: the same calls on backend "reference" (fastddpm's PyTorch path).
-- diffusers: its training scripts' loss path (`bench_loss.eager_loss_path`: randn_like,
-  randint, add_noise, F.mse_loss(pred.float(), noise.float()), min-SNR as train_text_to_image.py)
+- diffusers: its training scripts' loss path with diffusers' own code (`bench_loss.eager_loss_path`:
+  randn_like, randint, DDPMScheduler.add_noise, F.mse_loss(pred.float(), noise.float()), min-SNR
+  as train_text_to_image.py with training_utils.compute_snr)
   and the real `DDPMScheduler.step` / `DDIMScheduler.step`, one timestep for the batch, the
   scheduler set up as its pipelines do (`set_timesteps(1000)` for DDPM, 50 for DDIM); its
   tables and per-step scalars stay on the host (`Step.host`).
@@ -84,7 +85,7 @@ def loss_case(weighting):
         x0 = (torch.rand(size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dtype)  # data in [-1, 1]
         pred = torch.randn(size).to(dtype).requires_grad_()
         loss_fn = DiffusionLoss(schedule, weighting=weighting, gamma=bench_loss.MIN_SNR_GAMMA)
-        alphas_cumprod = schedule.alphas_cumprod.float()  # on the device, as diffusers' add_noise leaves it
+        eager_loss_path = bench_loss.eager_loss_path(schedule, weighting)
 
         def fastddpm_loss():
             pred.grad = None
@@ -93,7 +94,7 @@ def loss_case(weighting):
 
         def diffusers_loss():
             pred.grad = None
-            loss, _ = bench_loss.eager_loss_path(x0, pred, alphas_cumprod, weighting)
+            loss, _ = eager_loss_path(x0, pred)
             loss.backward()
 
         return x0, {"fastddpm": Step(on_backend("triton", fastddpm_loss)),

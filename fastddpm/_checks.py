@@ -33,9 +33,9 @@ def check_float(x, name, min_ndim=2):
 def check_like(x, name, like, like_name, shape=None):
     """x is a float tensor of like's shape (or `shape`) on like's device."""
     check_float(x, name, min_ndim=1)
-    expected = tuple(like.shape) if shape is None else tuple(shape)
-    if tuple(x.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} to match {like_name}, got {tuple(x.shape)}")
+    expected = like.shape if shape is None else tuple(shape)  # torch.Size compares equal to its tuple
+    if x.shape != expected:
+        raise ValueError(f"{name} must have shape {tuple(expected)} to match {like_name}, got {tuple(x.shape)}")
     if x.device != like.device:
         raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
 

@@ -37,20 +37,21 @@ def use_backend(name):
         set_backend(previous)
 
 
+# Triton reads it when imported, as fastddpm imports it: read once here too (host time per call).
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Set at import, not on first use: a value that changes after torch.compile traced it recompiles.
 set_backend(os.environ.get("FASTDDPM_BACKEND", "auto"))
 
 
 def use_triton(tensor):
     """True if the op on `tensor` should run the Triton kernel."""
-    backend = get_backend()
-    if backend == "torch":
+    if _backend == "torch":
         return False
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         return True
-    if backend == "auto":
+    if _backend == "auto":
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not _INTERPRETER:
         raise RuntimeError(
             f"backend 'triton' on a {tensor.device.type} tensor needs Triton's interpreter: set "
             "TRITON_INTERPRET=1 before triton is imported, or use set_backend('auto')")

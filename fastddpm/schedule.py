@@ -262,8 +262,9 @@ class NoiseSchedule:
 
 def device_with_index(device):
     """`device` as a torch.device with its index (the current GPU's for a bare "cuda")."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    if device.index is None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 

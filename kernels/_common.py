@@ -6,6 +6,8 @@ coefficients are one scalar load per program and the memory of each sample is on
 block (contiguous, or channels_last for 4-D tensors: see `kernel_layout`).
 """
 import dataclasses
+import functools
+import math
 import os
 
 import torch
@@ -115,12 +117,17 @@ def launch_config(x, num_warps=None):
     largest programs ptxas builds without spills for every kernel on Triton 3.2-3.9
     (scripts/triton_versions.sh): 8 float32 elements a thread spill 8-40 bytes beside the in-kernel
     noise on some of those versions; the loss kernels take fewer warps for 2-byte types."""
-    batch, per_sample = x.shape[0], sample_numel(x)
+    return _launch_config(x.shape, x.dtype, num_warps)
+
+
+@functools.lru_cache(maxsize=1024)  # computed once a shape: host time per call
+def _launch_config(shape, dtype, num_warps):
+    batch, per_sample = shape[0], math.prod(shape[1:])
     if batch > MAX_BATCH:
         raise ValueError(f"batch size {batch} exceeds {MAX_BATCH}, the kernels' grid limit: split the batch")
     if per_sample >= 2 ** 31:
         raise ValueError(f"{per_sample} elements per sample: the kernels index a sample with int32 (< 2**31)")
-    per_thread = 16 // x.dtype.itemsize
+    per_thread = 16 // dtype.itemsize
     # plain ints, not triton.cdiv / next_power_of_2 (Python functions under Triton 3.9): host time
     block = min(32 * (num_warps or 8) * per_thread, max(32 * per_thread, 1 << (per_sample - 1).bit_length()))
     return ((per_sample + block - 1) // block, batch), block, block // (32 * per_thread)
@@ -282,7 +289,11 @@ def finish_reduction(partial_ptr, out_ptr, counter_ptr, PER_SAMPLE: tl.constexpr
 
 def needs_grad(*tensors):
     """True where autograd records a gradient for any of `tensors` (None allowed)."""
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    if torch.is_grad_enabled():
+        for x in tensors:  # a loop, not any() over a generator: host time
+            if x is not None and x.requires_grad:
+                return True
+    return False
 
 
 def eager(*tensors):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, finish_reduction, kernel_layout,
+from ._common import (CHECKED, REDUCTIONS, SQRT_1M_AB, SQRT_AB, channel_sizes, finish_reduction, kernel_layout,
                       launch_config, like_layout, load_noise, load_timestep, needs_grad, reduction_counter, sample_numel,
                       sample_offsets)
 from ._launch import launch
@@ -68,13 +68,10 @@ def diffusion_loss_kernel(pred_ptr, x0_ptr, noise_ptr, grad_ptr, partial_ptr, co
 
 
 @triton.jit
-def scale_grad_kernel(grad_ptr, grad_output_ptr, D, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """grad *= grad_output (a scalar, or one value per sample), in place; nothing to do where it is 1."""
+def scale_grad_kernel(grad_ptr, grad_output_ptr, grad_output_stride, D, BLOCK: tl.constexpr):
+    """grad *= grad_output[sample * stride] (stride 0: a scalar), in place; nothing to do where it is 1."""
     sample, offs, mask, base = sample_offsets(D, BLOCK)
-    if PER_SAMPLE:
-        scale = tl.load(grad_output_ptr + sample).to(tl.float32)
-    else:
-        scale = tl.load(grad_output_ptr).to(tl.float32)
+    scale = tl.load(grad_output_ptr + sample * grad_output_stride).to(tl.float32)
     if scale != 1.0:
         grad = tl.load(grad_ptr + base + offs, mask=mask).to(tl.float32)
         tl.store(grad_ptr + base + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
@@ -115,10 +112,10 @@ def loss_launch_config(pred):
 
 
 def scale_grad_(grad, grad_output):
-    """Scale the stored gradient by grad_output (shape () or (B,)) in place."""
+    """Scale the stored gradient by grad_output (shape () or (B,), any stride: no copy) in place."""
     grid, block, num_warps = launch_config(grad)
-    launch(scale_grad_kernel, grid, grad, grad_output.contiguous(), sample_numel(grad),
-           PER_SAMPLE=grad_output.ndim == 1, BLOCK=block, num_warps=num_warps)
+    launch(scale_grad_kernel, grid, grad, grad_output, grad_output.stride(0) if grad_output.ndim else 0,
+           sample_numel(grad), BLOCK=block, num_warps=num_warps)
 
 
 def _target_grads(grad, prediction, t, table, needs_x0, needs_noise):
@@ -205,7 +202,7 @@ def diffusion_loss(model_output, x0, noise, t, table, weights, seed, *, predicti
     if torch.compiler.is_compiling():
         return diffusion_loss_op(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
                                  needs_grad(pred, x0, noise))[0]
-    if eager(pred, x0, noise):
+    if not needs_grad(pred, x0, noise):
         return diffusion_loss_forward(pred, x0, noise, t, table, weights, seed, prediction, reduction, channels_last,
                                       False)[0]
     return _DiffusionLoss.apply(pred, x0, noise, (t, table, weights, seed, prediction, reduction, channels_last))

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._common import (CHECKED, SQRT_1M_AB, SQRT_AB, channel_sizes, eager, kernel_layout, launch_config, like_layout,
-                      load_noise, load_timestep, sample_numel, sample_offsets)
+                      load_noise, load_timestep, needs_grad, sample_numel, sample_offsets)
 from ._launch import launch
 
 
@@ -122,7 +122,7 @@ def q_sample(x0, t, noise, table, seed, *, store_noise=False):
     if torch.compiler.is_compiling():
         x_t, noise_out, _ = q_sample_op(x0, t, noise, table, seed, channels_last, store_noise, False)
         return x_t, noise_out if noise is None and store_noise else None
-    if not eager(x0, noise):  # not compiling (above): gradients to record
+    if needs_grad(x0, noise):
         return _QSample.apply(x0, t, noise, table, seed, channels_last, store_noise)
     return q_sample_forward(x0, t, noise, table, seed, channels_last, store_noise)[:2]
 

@@ -331,14 +331,19 @@ def test_an_unknown_triton_launches_through_jit_run():
         _launch._layout.cache_clear()
 
 
-def test_host_overhead_fake_launches_directly_once_compiled(monkeypatch):
-    """benchmarks/host_overhead's fastddpm+launch row: JITFunction.run on the first launch only."""
+def test_host_overhead_fake_launches_directly_once_compiled():
+    """benchmarks/host_overhead's fastddpm+launch row: the kernels module's own `launch` on a
+    JITFunction of its kernel, JITFunction.run on the first launch only; the stub launches nothing."""
     kernel, grid, args, kwargs = _ops()["diffusion_loss_kernel"]
-    fn = jit_function(kernel)
-    _Counted(fn)
-    monkeypatch.setitem(host_overhead._Launches.functions, kernel, fn)
-    monkeypatch.setattr(host_overhead._Launches, "jit", True)
-    with host_overhead.stubbed_launches():
+    with host_overhead.stubbed_launches() as modes:
+        modes.gpu()
+        fn = loss.diffusion_loss_kernel
+        assert loss.launch is launch and isinstance(fn, jit.JITFunction) and fn.fn is kernel.fn
+        _Counted(fn)
         for _ in range(3):
-            loss.launch(kernel, grid, *[_like(arg)() for arg in args], **kwargs)
-    assert fn.run.calls == 1
+            loss.launch(fn, grid, *[_like(arg)() for arg in args], **kwargs)
+        assert fn.run.calls == 1
+        modes.stub()
+        assert loss.diffusion_loss_kernel is kernel and loss.launch is not launch
+        loss.launch(kernel, grid, *args, **kwargs)
+    assert loss.diffusion_loss_kernel is kernel and loss.launch is launch

@@ -96,6 +96,23 @@ def test_every_reduction_shape_and_layout(triton_backend, reduction, shape, layo
                             prediction="v", weighting="min_snr")
 
 
+@pytest.mark.parametrize("upstream", ["expanded", "strided", "scalar"])
+def test_grad_output_of_any_stride(triton_backend, upstream):
+    """The backward reads grad_output where it lies: an expanded one (what `losses.sum()` hands
+    back), a strided view, or a scalar, each against the reference's gradient."""
+    pred, x0, noise, t = inputs((3, 2, 5, 7))
+    weights = torch.rand(6, generator=torch.Generator().manual_seed(5)) + 0.5
+    grad_output = {"expanded": weights[4].expand(3), "strided": weights[::2], "scalar": weights[1]}[upstream]
+    reduction = "mean" if upstream == "scalar" else "none"
+    grads = []
+    for fn, cast in ((F.diffusion_loss, torch.float32), (R.diffusion_loss, torch.float64)):
+        leaf = pred.detach().to(cast).requires_grad_()
+        loss = fn(leaf, x0.to(cast), noise.to(cast), t, SCHEDULE, weighting="min_snr", reduction=reduction)
+        torch.autograd.backward(loss, grad_output.to(cast))
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0].double(), grads[1], rtol=1e-5, atol=1e-5 * grads[1].abs().max().item())
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_given_noise_in_other_layouts_bfloat16(triton_backend, reduction):
     pred, x0, noise, t = inputs((2, 3, 5, 7), torch.bfloat16, "channels_last")
@@ -326,8 +343,8 @@ def test_compiles_for_gpus_with_vector_accesses():
         _, block, num_warps = launch_config(like)
         specs.append(dict(
             module="fastddpm.kernels.loss", kernel="scale_grad_kernel", num_warps=num_warps,
-            signature={"grad_ptr": data, "grad_output_ptr": "*fp32", "D": "i32"},
-            constexprs={"PER_SAMPLE": True, "BLOCK": block}, divisible=["grad_ptr", "D"]))
+            signature={"grad_ptr": data, "grad_output_ptr": "*fp32", "grad_output_stride": "i32", "D": "i32"},
+            constexprs={"BLOCK": block}, divisible=["grad_ptr", "D"]))
         loads.append(block // (32 * num_warps) * like.dtype.itemsize // 16)
         stores.append(block // (32 * num_warps) * like.dtype.itemsize // 16)
     assert_fast_ptx(specs, loads, stores)

@@ -142,7 +142,7 @@ def test_reference_backend_on_cpu_by_default(schedule):
 
 def test_triton_backend_without_interpreter_says_so(monkeypatch, triton_backend):
     from fastddpm.backend import use_triton
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fastddpm.backend, "_INTERPRETER", False)  # as read at import without TRITON_INTERPRET
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         use_triton(torch.empty(1))
 

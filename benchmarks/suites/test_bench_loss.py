@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastddpm import NoiseSchedule
-from fastddpm.benchmarks.bench_loss import (MIN_SNR_GAMMA, PROVIDERS, WEIGHTINGS, add_noise, eager_loss, loss_paths,
-                                           make_step, run)
+from fastddpm.benchmarks.bench_loss import (MIN_SNR_GAMMA, PROVIDERS, WEIGHTINGS, diffusers_scheduler, eager_loss,
+                                           loss_paths, make_step, run)
 from fastddpm.benchmarks.harness import FIELDS
 from fastddpm import torch_ops
 from fastddpm.loss import DiffusionLoss, NoiseState
@@ -32,17 +32,17 @@ def test_loss_step(benchmark, weighting, dtype, provider):
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 1e-1)])
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 def test_eager_baseline_is_the_same_loss(weighting, dtype, rtol, atol):
-    """For the same t and noise, the diffusers-style q-sample and loss compute what DiffusionLoss
-    does (diffusers' add_noise rounds coefficients, products and sum to the input dtype: in
-    bfloat16 a few units of its last place of |x_t| <= 4)."""
+    """For the same t and noise, diffusers' add_noise and loss compute what DiffusionLoss does
+    (add_noise rounds coefficients, products and sum to the input dtype: in bfloat16 a few units
+    of its last place of |x_t| <= 4)."""
     g = torch.Generator().manual_seed(0)
     x0, noise, pred = (torch.randn(SIZE, generator=g).to(dtype) for _ in range(3))
     t = torch.tensor([0, 1, 10, 100, 400, 700, 998, 999])
-    alphas_cumprod = SCHEDULE.alphas_cumprod.float()
-    torch.testing.assert_close(add_noise(x0, noise, t, alphas_cumprod), torch_ops.q_sample(x0, t, noise, SCHEDULE),
+    scheduler = diffusers_scheduler(SCHEDULE)
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, t), torch_ops.q_sample(x0, t, noise, SCHEDULE),
                                rtol=rtol, atol=atol)
     ours = DiffusionLoss(SCHEDULE, weighting=weighting, gamma=MIN_SNR_GAMMA).loss(pred, x0, NoiseState(t, None, noise))
-    torch.testing.assert_close(ours, eager_loss(pred, noise, t, alphas_cumprod, weighting), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, eager_loss(scheduler, weighting)(pred, noise, t), rtol=1e-5, atol=0)
 
 
 def test_run_gives_long_format_rows():
