@@ -73,10 +73,17 @@ def quantile_fields(values):
 
 
 def time_cpu(steps, reps, *, warmup=3, clock=time.perf_counter):
-    """{provider: [p50, p20, p80] in ms} over `reps` repeats measured with `clock`, the providers
+    """{provider: [p50, p20, p80] in ms} of `cpu_samples`."""
+    return {name: [1e3 * q for q in quantiles(values)]
+            for name, values in cpu_samples(steps, reps, warmup=warmup, clock=clock).items()}
+
+
+def cpu_samples(steps, reps, *, warmup=3, clock=time.perf_counter):
+    """{provider: [seconds of repeat 1, ..., repeat `reps`]} measured with `clock`, the providers
     interleaved in a new order every repeat, so that load on the machine and the caches each
-    leaves behind hit them alike. `clock=time.process_time` counts the process's CPU time,
-    which other processes do not inflate (all threads together: use it single-threaded)."""
+    leaves behind hit them alike (and the samples of one repeat can be compared pairwise).
+    `clock=time.process_time` counts the process's CPU time, which other processes do not
+    inflate (all threads together: use it single-threaded)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -88,7 +95,7 @@ def time_cpu(steps, reps, *, warmup=3, clock=time.perf_counter):
             start = clock()
             steps[name]()
             samples[name].append(clock() - start)
-    return {name: [1e3 * q for q in quantiles(values)] for name, values in samples.items()}
+    return samples
 
 
 def time_cuda(steps, grad_to_none=None):

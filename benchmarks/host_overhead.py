@@ -19,7 +19,8 @@ the Triton kernels' execution stubbed. Providers:
 - diffusers, improved-diffusion: the eager peers.
 
 ATen ops, in every provider, run their CPU kernels on 96 elements, which costs about what their
-dispatch does. ratio = peer / fastddpm: above 1, fastddpm spends less host time per call.
+dispatch does. The ratios, peer / fastddpm and peer / fastddpm+launch, are medians of each repeat's
+ratio (paired samples): above 1, fastddpm spends less host time per call.
 
     python -m fastddpm.benchmarks.host_overhead [--json rows.json]
 """
@@ -35,6 +36,7 @@ import torch
 from triton.compiler import CompiledKernel
 from triton.runtime.interpreter import InterpretedFunction
 
+import fastddpm
 
 from . import harness, paths
 from .traffic import _swapped
@@ -43,6 +45,7 @@ SIZE = (2, 3, 4, 4)
 INNER = 10
 KERNEL_MODULES = ("q_sample", "loss", "posterior", "vlb", "hybrid", "solvers")  # each imports `launch`
 PROVIDERS = ("fastddpm", "fastddpm+launch", "reference", "diffusers", "improved-diffusion")
+OURS = ("fastddpm", "fastddpm+launch")  # the two the ratios compare with
 
 
 class _Launches:
@@ -159,24 +162,28 @@ def stubbed_launches():
             modes.restore()
 
 
-def _timed(fn, switch):
-    def step():
+def _timed(step, switch):
+    """`INNER` calls of a paths.Step, its backend and the launch mode set once before them."""
+    def timed():
         switch()
-        for _ in range(INNER):
-            fn()
-    return step
+        with fastddpm.use_backend(step.backend or fastddpm.get_backend()):
+            for _ in range(INNER):
+                step.fn()
+    return timed
 
 
 def measure(cases=None, reps=20):
-    """{(case, provider): [p50, p20, p80] in µs per call}, {case: Triton launches per call} and the
-    median µs of one launch once compiled, (fastddpm+launch - fastddpm) / launches over every
-    case (None if left out)."""
-    times, launches, per_launch = {}, {}, []
+    """({(case, provider): [p50, p20, p80] in µs per call}, {(case, peer, ours): median over the
+    repeats of peer µs / ours µs in the same repeat}, {case: Triton launches per call}, the median
+    µs of one launch once compiled: (fastddpm+launch - fastddpm) / launches over every case, None
+    if left out). Ratios of one repeat's samples are paired: a slow spell of the machine that
+    spans a repeat cancels out of them."""
+    times, ratios, launches, per_launch = {}, {}, {}, []
     with stubbed_launches() as modes:
         for case in cases or paths.CASES:
             _, steps = case.steps(SIZE)
-            timed = {name: _timed(steps[name].fn, modes.stub) for name in PROVIDERS if name in steps}
-            timed["fastddpm+launch"] = _timed(steps["fastddpm"].fn, modes.gpu)
+            timed = {name: _timed(steps[name], modes.stub) for name in PROVIDERS if name in steps}
+            timed["fastddpm+launch"] = _timed(steps["fastddpm"], modes.gpu)
             try:
                 timed["fastddpm+launch"]()  # the first launch of each kernel "compiles"
             except Exception as error:  # a Triton whose launch path these fakes do not fit
@@ -184,37 +191,46 @@ def measure(cases=None, reps=20):
                 del timed["fastddpm+launch"]
             modes.stub()
             _Launches.calls = 0
-            steps["fastddpm"].fn()
+            steps["fastddpm"].run()
             launches[case] = _Launches.calls
             order = [name for name in PROVIDERS if name in timed]
-            result = harness.time_cpu({name: timed[name] for name in order}, reps, clock=time.process_time)
+            samples = harness.cpu_samples({name: timed[name] for name in order}, reps, clock=time.process_time)
             for name in order:
-                times[case, name] = [1e3 * ms / INNER for ms in result[name]]
+                times[case, name] = [1e6 * s / INNER for s in harness.quantiles(samples[name])]
+            for ours in OURS:
+                for peer in order:
+                    if ours in samples and peer not in OURS:
+                        ratios[case, peer, ours] = statistics.median(
+                            theirs / own for theirs, own in zip(samples[peer], samples[ours]))
             if "fastddpm+launch" in timed and launches[case]:
                 per_launch.append((times[case, "fastddpm+launch"][0] - times[case, "fastddpm"][0]) / launches[case])
-    return times, launches, statistics.median(per_launch) if per_launch else None
+    return times, ratios, launches, statistics.median(per_launch) if per_launch else None
 
 
-def rows(times):
-    """Long-format rows (harness.FIELDS): metric host_us per case and provider."""
+def rows(times, ratios):
+    """Long-format rows (harness.FIELDS): metric host_us per case and provider, and metric
+    host_ratio (peer / ours, paired; ours named by `mode`) per case and peer."""
     base = harness.environment(torch.device("cpu"))
-    return [dict(base, op=case.op, provider=provider, mode="host", metric="host_us", unit="us",
-                 **harness.case_fields(SIZE, case.dtype), **harness.quantile_fields(values))
-            for (case, provider), values in times.items()]
+    return ([dict(base, op=case.op, provider=provider, mode="host", metric="host_us", unit="us",
+                  **harness.case_fields(SIZE, case.dtype), **harness.quantile_fields(values))
+             for (case, provider), values in times.items()]
+            + [dict(base, op=case.op, provider=peer, mode=f"vs {ours}", metric="host_ratio", unit="x",
+                    **harness.case_fields(SIZE, case.dtype), **harness.quantile_fields([ratio] * 3))
+               for (case, peer, ours), ratio in ratios.items()])
 
 
-def format_table(times, launches, per_launch):
+def format_table(times, ratios, launches, per_launch):
     lines = [f"Host time per call (µs; CPU, {torch.get_num_threads()} thread, {'x'.join(map(str, SIZE))}, "
-             "Triton grid execution stubbed); ratio = this / fastddpm",
-             f"{'op':15} {'dtype':9} {'provider':19} {'p50':>8} {'p20':>8} {'p80':>8} {'ratio':>6}"]
+             "Triton grid execution stubbed); ratio = this / ours, the median of each repeat's ratio",
+             f"{'op':16} {'dtype':9} {'provider':19} {'p50':>8} {'p20':>8} {'p80':>8} "
+             f"{'vs stub':>8} {'vs +launch':>10}"]
     for case in dict.fromkeys(case for case, _ in times):
-        own = times[case, "fastddpm"][0]
         for (c, provider), (p50, p20, p80) in times.items():
             if c is case:
-                ratio = "" if provider == "fastddpm" else f"{p50 / own:6.2f}"
-                lines.append(f"{case.op:15} {str(case.dtype)[6:]:9} {provider:19} {p50:8.1f} {p20:8.1f} {p80:8.1f} "
-                             f"{ratio}")
-        lines.append(f"{'':26}{launches[case]} Triton launches a call")
+                stub, full = (ratios.get((case, provider, ours)) for ours in OURS)
+                lines.append(f"{case.op:16} {str(case.dtype)[6:]:9} {provider:19} {p50:8.1f} {p20:8.1f} {p80:8.1f} "
+                             f"{'' if stub is None else f'{stub:8.2f}':>8} {'' if full is None else f'{full:10.2f}':>10}")
+        lines.append(f"{'':27}{launches[case]} Triton launches a call")
     if per_launch is not None:
         lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): "
                      f"{per_launch:.1f} µs a launch (median over the paths)")
@@ -233,12 +249,12 @@ def main(argv=None):
     harness.rerun_with_interpreter(__spec__.name, argv)
     torch.set_num_threads(1)
     cases = [case for case in paths.CASES if args.only is None or case.op in args.only]
-    times, launches, per_launch = measure(cases, args.reps)
-    print(format_table(times, launches, per_launch))
+    times, ratios, launches, per_launch = measure(cases, args.reps)
+    print(format_table(times, ratios, launches, per_launch))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows(times), handle, indent=2, default=str)
-    return times
+            json.dump(rows(times, ratios), handle, indent=2, default=str)
+    return times, ratios
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ DDIM_STEPS = 50
 class Step:
     fn: object  # no-argument callable: one call of the path
     host: tuple = ()  # tensors that live on the host on a GPU (diffusers' scheduler state)
+    backend: str | None = None  # the fastddpm backend it runs under (set around the calls, not in them)
+
+    def run(self):
+        """One call under its backend."""
+        with fastddpm.use_backend(self.backend or fastddpm.get_backend()):
+            return self.fn()
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,13 +65,6 @@ class Case:
     def floor(self):
         """Bytes per element of the floor."""
         return self.floor_passes * self.dtype.itemsize
-
-
-def on_backend(name, fn):
-    def step():
-        with fastddpm.use_backend(name):
-            return fn()
-    return step
 
 
 def _inputs(size, dtype, low=0):
@@ -97,8 +96,8 @@ def loss_case(weighting):
             loss, _ = eager_loss_path(x0, pred)
             loss.backward()
 
-        return x0, {"fastddpm": Step(on_backend("triton", fastddpm_loss)),
-                    "reference": Step(on_backend("reference", fastddpm_loss)),
+        return x0, {"fastddpm": Step(fastddpm_loss, backend="triton"),
+                    "reference": Step(fastddpm_loss, backend="reference"),
                     "diffusers": Step(diffusers_loss)}
     return build
 
@@ -119,8 +118,8 @@ def p_sample_build(size, dtype):
     scheduler = DDPMScheduler(num_train_timesteps=T)  # clip_sample, fixed_small, epsilon: as fastddpm's step here
     scheduler.set_timesteps(T)
     timestep = scheduler.timesteps[T // 2]
-    return x, {"fastddpm": Step(on_backend("triton", lambda: steps["fastddpm"](output, x, t))),
-               "reference": Step(on_backend("reference", lambda: steps["fastddpm"](output, x, t))),
+    return x, {"fastddpm": Step(lambda: steps["fastddpm"](output, x, t), backend="triton"),
+               "reference": Step(lambda: steps["fastddpm"](output, x, t), backend="reference"),
                "diffusers": Step(lambda: scheduler.step(output, timestep, x).prev_sample,
                                  _host_state(scheduler, timestep)),
                "improved-diffusion": Step(lambda: steps["eager"](output, x, t),
@@ -142,8 +141,8 @@ def ddim_build(eta):
         def fastddpm_step():
             return F.ddim_step(output, x, t, t_prev, schedule, eta=eta)
 
-        return x, {"fastddpm": Step(on_backend("triton", fastddpm_step)),
-                   "reference": Step(on_backend("reference", fastddpm_step)),
+        return x, {"fastddpm": Step(fastddpm_step, backend="triton"),
+                   "reference": Step(fastddpm_step, backend="reference"),
                    "diffusers": Step(lambda: scheduler.step(output, timestep, x, eta=eta).prev_sample,
                                      _host_state(scheduler, timestep))}
     return build
@@ -161,8 +160,8 @@ def vb_build(size, dtype):
     def fastddpm_vb():
         return F.vb_terms_bpd(output, x0, x_t, t, schedule, clip_denoised=True)
 
-    return x0, {"fastddpm": Step(on_backend("triton", fastddpm_vb)),
-                "reference": Step(on_backend("reference", fastddpm_vb)),
+    return x0, {"fastddpm": Step(fastddpm_vb, backend="triton"),
+                "reference": Step(fastddpm_vb, backend="reference"),
                 "improved-diffusion": Step(lambda: peer.vb_terms_bpd(output, x0, x_t, t),
                                            tuple(peer.tables.values()))}
 
@@ -226,8 +225,8 @@ def solver_build(method):
             return step(output, x, sigma, sigma_next, schedule, time="sigma")
 
         host = tuple(v for v in state.values() if isinstance(v, torch.Tensor) and v.numel() <= T + 1) + (timestep,)
-        return x, {"fastddpm": Step(on_backend("triton", fastddpm_step)),
-                   "reference": Step(on_backend("reference", fastddpm_step)),
+        return x, {"fastddpm": Step(fastddpm_step, backend="triton"),
+                   "reference": Step(fastddpm_step, backend="reference"),
                    "diffusers": Step(diffusers_step, host)}
     return build
 

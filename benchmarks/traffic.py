@@ -314,7 +314,7 @@ def measure(cases=None, size=None):
         for provider in PROVIDERS:
             if provider in steps:
                 step = steps[provider]
-                result[case, provider] = count(step.fn, main.numel(), host=step.host)
+                result[case, provider] = count(step.run, main.numel(), host=step.host)
     return result
 
 

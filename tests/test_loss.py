@@ -214,13 +214,14 @@ def test_same_bits_twice(triton_backend):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("seeded", [False, True])
-def test_retain_graph_backward_twice_gives_the_same_gradient_twice(triton_backend, reduction, seeded):
+@pytest.mark.parametrize("prediction", ["v", "eps"])  # eps with a seed saves pred alone
+def test_retain_graph_backward_twice_gives_the_same_gradient_twice(triton_backend, prediction, reduction, seeded):
     """The first backward hands its precomputed gradient to autograd; a second one recomputes it."""
     pred, x0, noise, t = inputs((2, 3, 5, 7))
     pred.requires_grad_()
     upstream = upstream_for(reduction, 2)
-    loss = F.diffusion_loss(pred, x0, None if seeded else noise, t, SCHEDULE, prediction="v", weighting="min_snr",
-                            reduction=reduction, seed=torch.tensor([5]) if seeded else None)
+    loss = F.diffusion_loss(pred, x0, None if seeded else noise, t, SCHEDULE, prediction=prediction,
+                            weighting="min_snr", reduction=reduction, seed=torch.tensor([5]) if seeded else None)
     total = loss if upstream is None else (loss * upstream).sum()
     total.backward(retain_graph=True)
     first = pred.grad.clone()
@@ -228,7 +229,7 @@ def test_retain_graph_backward_twice_gives_the_same_gradient_twice(triton_backen
     torch.testing.assert_close(pred.grad, 2 * first)
     exact_noise = materialised_noise(x0, t, torch.tensor([5])) if seeded else noise
     _, exact = loss_and_grad(R.diffusion_loss, pred.double(), x0.double(), exact_noise.double(), t, SCHEDULE,
-                             prediction="v", weighting="min_snr", reduction=reduction,
+                             prediction=prediction, weighting="min_snr", reduction=reduction,
                              upstream=None if upstream is None else upstream.double())
     torch.testing.assert_close(first.double(), exact, rtol=1e-5, atol=1e-7)
 

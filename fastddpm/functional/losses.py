@@ -39,12 +39,13 @@ def checked_diffusion_loss(model_output, x0, noise, t, schedule, prediction, wei
                            triton_path):
     """`diffusion_loss` on validated arguments (`DiffusionLoss` calls it directly): float64 on the
     reference, else the kernel or the PyTorch path."""
-    options = dict(prediction=prediction, weighting=weighting, gamma=gamma, reduction=reduction)
     if torch.float64 in (model_output.dtype, x0.dtype, noise.dtype if noise is not None else None):
         noise = noise if not triton_path else drawn_noise(x0, t, noise, seed, schedule)
-        return reference.diffusion_loss(model_output, x0, noise, t, schedule, **options)
+        return reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction,
+                                        weighting=weighting, gamma=gamma, reduction=reduction)
     if not triton_path:
-        return torch_ops.diffusion_loss(model_output, x0, noise, t, schedule, **options)
+        return torch_ops.diffusion_loss(model_output, x0, noise, t, schedule, prediction=prediction,
+                                        weighting=weighting, gamma=gamma, reduction=reduction)
     device = x0.device
     return loss_kernel.diffusion_loss(model_output, x0, noise, t, schedule.kernel_table(device),
                                       schedule.loss_weight_table(weighting, prediction, gamma, device), seed,
