@@ -33,9 +33,9 @@ from triton.runtime import jit
 _MAX_ENTRIES = 512  # keys kept per kernel (every new int value is a key): cleared beyond
 _SCALARS = (bool, int, float, type(None))  # positional arguments keyed by type and value
 _CONSTANTS = (bool, int, str, type(None))  # keyword values keyed by type and value (no floats: -0.0 == 0.0)
-_NORMAL = object()  # an entry for keys that always take `kernel[grid]`
+_NORMAL = object()  # a spec or an entry whose launches always take `kernel[grid]`
 _MISSING = object()
-_kernels = {}  # id(kernel) -> (kernel, {argument types: (key function, {key: entry})} or None, layout)
+_specs = {}  # (id(kernel), *argument types) -> `_spec`
 
 
 def _debug_env():
@@ -91,11 +91,13 @@ def _layout():
     return None if layout is None else (run, *layout)
 
 
-def _register(kernel):
+def _spec(kernel, types):
+    """What `launch` needs for `kernel` with positional arguments of these types: (the kernel, kept
+    so that its id stays its own; the key function; {key: entry}; the layout's fields), or _NORMAL
+    where every launch takes `kernel[grid]` (no layout, or an argument type the key cannot hold)."""
     layout = _layout() if type(kernel) is jit.JITFunction else None
-    record = (kernel, None if layout is None else {}, layout)  # the kernel kept: its id stays its own
-    _kernels[id(kernel)] = record
-    return record
+    key_function = None if layout is None else _key_function(types)
+    return _NORMAL if key_function is None else (kernel, key_function, {}, *layout)
 
 
 def _key_function(types):
@@ -113,20 +115,13 @@ def _key_function(types):
 
 def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`; constexprs go by keyword. Returns the CompiledKernel."""
-    record = _kernels.get(id(kernel))
-    if record is None:
-        record = _register(kernel)
-    _, by_types, layout = record
-    if by_types is None:
+    spec = _specs.get((id(kernel), *map(type, args)))
+    if spec is None:
+        types = tuple(map(type, args))
+        spec = _specs[(id(kernel), *types)] = _spec(kernel, types)
+    if spec is _NORMAL:
         return kernel[grid](*args, **kwargs)
-    types = tuple(map(type, args))
-    known = by_types.get(types)
-    if known is None:
-        known = by_types[types] = _key_function(types), {}
-    key_function, entries = known
-    if key_function is None:
-        return kernel[grid](*args, **kwargs)
-    run, options, all_args, knob_hooks, stages_hook = layout
+    _, key_function, entries, run, options, all_args, knob_hooks, stages_hook = spec
     if jit.JITFunction.run is not run:  # patched since
         return kernel[grid](*args, **kwargs)
     active = jit.driver.active
@@ -149,11 +144,13 @@ def launch(kernel, grid, *args, **kwargs):
             return _first_launch(kernel, entries, key, all_args, grid, args, kwargs)
     values = args + tail
     hooks = jit.knobs.runtime if knob_hooks else kernel.CompiledKernel
-    # as JITFunction.run: launch metadata first, then run, function, packed metadata in this order
+    enter_hook = hooks.launch_enter_hook
+    # as JITFunction.run: launch metadata first, then run, function, packed metadata in this order;
+    # without an enter hook launch_metadata returns None at once (3.2-3.9): not called then
     grid_size = len(grid)
-    launch_metadata = compiled.launch_metadata(grid, stream, *values)
+    launch_metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *values)
     compiled.run(grid[0], grid[1] if grid_size > 1 else 1, grid[2] if grid_size > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, launch_metadata, hooks.launch_enter_hook,
+                 compiled.function, compiled.packed_metadata, launch_metadata, enter_hook,
                  hooks.launch_exit_hook, *values)
     return compiled
 

@@ -40,7 +40,8 @@ class _Recording(_FakeKernel):
     launches = []
 
     def launch_metadata(self, grid, stream, *args):
-        return "metadata", grid, stream, args
+        """As Triton's (3.2-3.9): None without an enter hook."""
+        return None if _hook_owner().launch_enter_hook is None else ("metadata", grid, stream, args)
 
     def run(self, *args):
         self.launches.append((self, args))
