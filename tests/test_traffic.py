@@ -226,6 +226,25 @@ def test_rows_are_long_format(counts):
     assert launches == {"fastddpm": 1, "diffusers": 6, "floor": 1}
 
 
+def test_cpu_samples_are_paired_repeat_by_repeat():
+    """harness.cpu_samples: one sample per provider and repeat, in repeat order, so that the ratio
+    of one repeat's samples holds however the machine's speed changes between repeats."""
+    from fastddpm.benchmarks import harness
+
+    clock, calls = [0.0], [0]
+
+    def step(cost):
+        def run():
+            calls[0] += 1
+            clock[0] += cost * (1 + (calls[0] - 1) // 2 % 5)  # the machine slows and recovers between repeats
+        return run
+
+    samples = harness.cpu_samples({"ours": step(1.0), "peer": step(3.0)}, 7, warmup=0, clock=lambda: clock[0])
+    assert [len(values) for values in samples.values()] == [7, 7]
+    assert [peer / ours for peer, ours in zip(samples["peer"], samples["ours"])] == pytest.approx([3.0] * 7)
+    assert len(set(samples["ours"])) > 1  # the speed did change
+
+
 def test_host_overhead_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(host_overhead, "INNER", 1)
     path = tmp_path / "rows.json"
