@@ -3,8 +3,8 @@ eager peers, measured on the CPU.
 
 At DDPM's usual sizes a GPU finishes these kernels faster than the host issues them, so a path
 costs its host time. Measured here with tiny tensors (2x3x4x4), one thread, the process's CPU
-time per call (`INNER` calls per sample), medians over interleaved rounds (harness.time_cpu),
-the Triton kernels' execution stubbed. Providers:
+time per call (`INNER` calls per sample), medians over repeats of the interleaved providers
+(harness.cpu_samples), the Triton kernels' execution stubbed. Providers:
 
 - fastddpm: the kernels' path with every launch a no-op (the `launch` each kernels module calls
   swapped): Python, argument checks, the dispatcher, autograd and each op's launcher are timed;
@@ -12,8 +12,9 @@ the Triton kernels' execution stubbed. Providers:
 - fastddpm+launch: the same code with the kernels modules' real `launch` (kernels/_launch.launch)
   and their kernels made JITFunctions, each launch made as on a GPU: the first one of each
   specialization through Triton's real `JITFunction.run` (argument binding and specialization,
-  cache key, compile), later ones calling the compiled kernel directly; with a faked driver (device 0, stream 0, an sm_90 target) and faked compiles that return a kernel
-  whose `run` does nothing. Still excluded: the C launcher (argument packing and cuLaunchKernel,
+  cache key, compile), later ones calling the compiled kernel directly; with a faked driver
+  (device 0, stream 0, an sm_90 target) and faked compiles that return a kernel whose `run` does
+  nothing. Still excluded: the C launcher (argument packing and cuLaunchKernel,
   a few µs a launch on a GPU) and torch.cuda's device and stream queries.
 - reference: fastddpm's PyTorch path (backend "reference"), what runs on CPU tensors.
 - diffusers, improved-diffusion: the eager peers.
@@ -227,9 +228,10 @@ def format_table(times, ratios, launches, per_launch):
     for case in dict.fromkeys(case for case, _ in times):
         for (c, provider), (p50, p20, p80) in times.items():
             if c is case:
-                stub, full = (ratios.get((case, provider, ours)) for ours in OURS)
+                stub, full = ("" if ratio is None else f"{ratio:.2f}"
+                              for ratio in (ratios.get((case, provider, ours)) for ours in OURS))
                 lines.append(f"{case.op:16} {str(case.dtype)[6:]:9} {provider:19} {p50:8.1f} {p20:8.1f} {p80:8.1f} "
-                             f"{'' if stub is None else f'{stub:8.2f}':>8} {'' if full is None else f'{full:10.2f}':>10}")
+                             f"{stub:>8} {full:>10}")
         lines.append(f"{'':27}{launches[case]} Triton launches a call")
     if per_launch is not None:
         lines.append(f"Launch path (kernels/_launch.launch once compiled, faked driver and kernel): "
