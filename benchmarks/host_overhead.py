@@ -37,8 +37,6 @@ import torch
 from triton.compiler import CompiledKernel
 from triton.runtime.interpreter import InterpretedFunction
 
-import fastddpm
-
 from . import harness, paths
 from .traffic import _swapped
 
@@ -167,7 +165,7 @@ def _timed(step, switch):
     """`INNER` calls of a paths.Step, its backend and the launch mode set once before them."""
     def timed():
         switch()
-        with fastddpm.use_backend(step.backend or fastddpm.get_backend()):
+        with step.on_backend():
             for _ in range(INNER):
                 step.fn()
     return timed

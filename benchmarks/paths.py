@@ -43,9 +43,13 @@ class Step:
     host: tuple = ()  # tensors that live on the host on a GPU (diffusers' scheduler state)
     backend: str | None = None  # the fastddpm backend it runs under (set around the calls, not in them)
 
+    def on_backend(self):
+        """A with-block under its backend (the current one where it names none)."""
+        return fastddpm.use_backend(self.backend or fastddpm.get_backend())
+
     def run(self):
         """One call under its backend."""
-        with fastddpm.use_backend(self.backend or fastddpm.get_backend()):
+        with self.on_backend():
             return self.fn()
 
 

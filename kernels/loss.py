@@ -146,8 +146,8 @@ class _DiffusionLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None  # handed over to autograd, which may keep it as pred.grad
         if grad is None:  # a second backward through the graph (retain_graph=True): recompute
-            inputs = ctx.saved_tensors
-            grad = diffusion_loss_forward(*inputs, *(None,) * (3 - len(inputs)), *ctx.rest, True)[1]
+            pred, x0, noise = (*ctx.saved_tensors, None, None)[:3]  # pred alone where x0 and noise are None
+            grad = diffusion_loss_forward(pred, x0, noise, *ctx.rest, True)[1]
         scale_grad_(grad, grad_loss)
         if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
             return grad, None, None, None
